@@ -1,0 +1,150 @@
+"""Shared plumbing: where artifacts live, which device to use, distributed setup, logging."""
+
+import logging
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("vibechat")
+
+DEFAULT_HOME = os.path.join(os.path.expanduser("~"), ".cache", "vibechat")
+
+
+class VibechatError(Exception):
+    """An error whose message tells the user what is wrong and what to do; printed without a traceback."""
+
+
+def get_store_url() -> str:
+    """The store root: $VIBECHAT_STORE (file:// or s3:// URL or a plain path), else ~/.cache/vibechat."""
+    return os.environ.get("VIBECHAT_STORE") or DEFAULT_HOME
+
+
+def get_base_dir() -> str:
+    """Where this process reads and writes artifacts.
+
+    $VIBECHAT_BASE_DIR wins; else with $VIBECHAT_RUN set it is <store>/runs/<run>; else ~/.cache/vibechat.
+    The result may be a local path or an s3:// URL: open it with vibechat.storage.open_store.
+    """
+    if os.environ.get("VIBECHAT_BASE_DIR"):
+        return os.environ["VIBECHAT_BASE_DIR"]
+    run = os.environ.get("VIBECHAT_RUN")
+    if run:
+        return get_store_url().rstrip("/") + "/runs/" + run
+    return DEFAULT_HOME
+
+
+def print0(*args, **kwargs) -> None:
+    """print() on rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def print_banner() -> None:
+    print0(r"""
+        _ _                _           _
+ __   _(_) |__   ___  ___| |__   __ _| |_
+ \ \ / / | '_ \ / _ \/ __| '_ \ / _` | __|
+  \ V /| | |_) |  __/ (__| | | | (_| | |_
+   \_/ |_|_.__/ \___|\___|_| |_|\__,_|\__|
+""")
+
+
+def is_ddp() -> bool:
+    return int(os.environ.get("RANK", -1)) != -1
+
+
+def get_dist_info() -> tuple[bool, int, int, int]:
+    """(ddp, rank, local_rank, world_size) from the variables torchrun sets."""
+    if is_ddp():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def autodetect_device_type() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def compute_init(device_type: str | None = None) -> tuple[bool, int, int, int, torch.device]:
+    """Seed, pick the device, and join the process group when launched by torchrun (NCCL on CUDA, gloo otherwise)."""
+    device_type = device_type or os.environ.get("VIBECHAT_DEVICE") or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise VibechatError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp and device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+        dist.barrier()
+    elif ddp:
+        device = torch.device(device_type)
+        dist.init_process_group(backend="gloo")
+    else:
+        device = torch.device(device_type)
+    if rank == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, fp32 elsewhere (CPU bf16 is slow and lossy for tiny tests)."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+class DummyWandb:
+    """Stands in for a wandb run when logging to wandb is off."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+def run_main(main) -> None:
+    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2."""
+    try:
+        main()
+    except VibechatError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        compute_cleanup()
+        sys.exit(2)
+
+
+def reduce_scatter_mean(out: torch.Tensor, stacked: torch.Tensor) -> None:
+    """out = this rank's block of the mean over ranks of `stacked` (blocks along dim 0).
+
+    NCCL does it in one reduce-scatter; gloo has none, so it all-reduces and keeps its block.
+    """
+    world = dist.get_world_size()
+    if dist.get_backend() == "nccl":
+        dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.AVG)
+        return
+    total = stacked.clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    out.copy_(total.chunk(world)[dist.get_rank()] / world)
+
+
+def all_gather_blocks(out: torch.Tensor, block: torch.Tensor) -> None:
+    """out (world blocks along dim 0) = every rank's `block`, in rank order."""
+    if dist.get_backend() == "nccl":
+        dist.all_gather_into_tensor(out, block)
+        return
+    dist.all_gather(list(out.chunk(dist.get_world_size())), block.contiguous())
