@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from vibechat.common import VibechatError, get_dist_info
 
-HEAD_DIM = 128  # head size of the depth presets: model_dim = depth * 64, n_head = model_dim / 128
+HEAD_DIM = 128
+SOFTCAP = 15.0  # head size of the depth presets: model_dim = depth * 64, n_head = model_dim / 128
 
 
 @dataclass
@@ -75,18 +76,15 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        if kv_cache is not None:
-            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        Tq, Tk = q.size(2), k.size(2)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None or Tq == Tk:
+        if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif Tq == 1:
-            # one new token attends to the whole cache
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=False, enable_gqa=gqa)
         else:
-            # a chunk after a cached prefix: all of the prefix, causal within the chunk
-            mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - Tq)
+            # query i sits at position get_pos() + i and sees every cached key up to its own position: the
+            # cached prefix, causal within the new tokens, never the unwritten tail of a preallocated cache
+            q_pos = kv_cache.get_pos() + torch.arange(T, device=q.device)
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+            mask = torch.arange(k.size(2), device=q.device) <= q_pos[:, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
         return self.c_proj(y)
@@ -111,6 +109,45 @@ class Block(nn.Module):
     def forward(self, x, cos_sin, kv_cache):
         x = x + self.attn(norm(x), cos_sin, kv_cache)
         return x + self.mlp(norm(x))
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softcap(x @ W^T) without ever holding all the logits.
+
+    The full logits of a d20 batch (65536 tokens x 65536 vocab, fp32) take 16 GiB, which caps the
+    batch size. Here each chunk of rows computes its logits, loss and the gradients w.r.t. x and W in
+    the forward pass, so only one chunk of logits lives at a time; backward just scales them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, compute_dtype, chunks):
+        valid = targets != -1
+        n_valid = valid.sum().clamp(min=1)
+        w = weight.to(compute_dtype)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for xs, ts, vs, gxs in zip(x.chunk(chunks), targets.chunk(chunks), valid.chunk(chunks), grad_x.chunk(chunks)):
+            xs = xs.to(compute_dtype)
+            capped = torch.tanh((xs @ w.T).float() / SOFTCAP)
+            logits = SOFTCAP * capped
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_targets = ts.clamp(min=0).unsqueeze(1)
+            loss += ((lse - logits.gather(1, safe_targets).squeeze(1)) * vs).sum()
+            # d loss / d logits = (softmax - onehot) / n_valid; then through the softcap's tanh
+            grad = torch.exp(logits - lse.unsqueeze(1))
+            grad.scatter_add_(1, safe_targets, -torch.ones_like(safe_targets, dtype=grad.dtype))
+            grad *= (vs.unsqueeze(1) / n_valid) * (1 - capped * capped)
+            grad = grad.to(compute_dtype)
+            gxs.copy_(grad @ w)
+            grad_w += (grad.T @ xs).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 class GPT(nn.Module):
@@ -197,19 +234,28 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, kv_cache=None,
                 loss_reduction: str = "mean"):
         B, T = idx.shape
+        # with a cache the offset is an int, or a device tensor inside a captured decode step (checked by the engine)
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(2):
+        if isinstance(T0, int) and T0 + T > self.cos.size(2):
             raise VibechatError(
                 f"sequence of {T0 + T} tokens is longer than the model's rotary table ({self.cos.size(2)}): shorten the prompt"
             )
-        cos_sin = self.cos[:, :, T0:T0 + T], self.sin[:, :, T0:T0 + T]
+        if kv_cache is None:
+            cos_sin = self.cos[:, :, :T], self.sin[:, :, :T]
+        else:
+            positions = T0 + torch.arange(T, device=idx.device)
+            cos_sin = self.cos[:, :, positions], self.sin[:, :, positions]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
-        softcap = 15.0
+        if targets is not None and loss_reduction == "mean" and torch.is_grad_enabled():
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            chunks = max(1, B * T * self.config.vocab_size // 2 ** 30)  # about 4 GiB of fp32 logits per chunk
+            return ChunkedLinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                                                   dtype, chunks)
         logits = self.lm_head(x).float()
-        logits = softcap * torch.tanh(logits / softcap)
+        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,

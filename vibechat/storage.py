@@ -196,17 +196,30 @@ class LocalStore(Store):
 class S3Store(Store):
     bucket: str = ""
     prefix: str = ""
+    part_size: int = 64 << 20  # files above this go up and down in parts of this size (S3's minimum is 5 MiB)
 
     def __post_init__(self):
         import boto3
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
+        from botocore.exceptions import PartialCredentialsError
 
         # "standard" retry mode retries throttling, 5xx and connection errors with backoff
         config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120)
-        self._client = boto3.client("s3", config=config)
-        # multipart above 64 MiB, in 64 MiB parts, 8 at a time
-        self._transfer = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=8)
+        # the key pair is read at every open: boto3's default session keeps the first credentials it found
+        env = os.environ
+        try:
+            self._client = boto3.client(
+                "s3", config=config, aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"), aws_session_token=env.get("AWS_SESSION_TOKEN"),
+            )
+        except PartialCredentialsError:
+            raise StoreError(
+                f"half the S3 credentials for {self.url} are set: set both AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            ) from None
+        self._transfer = TransferConfig(
+            multipart_threshold=self.part_size, multipart_chunksize=self.part_size, max_concurrency=8
+        )
 
     def _key(self, key: str) -> str:
         return "/".join(p for p in (self.prefix, key.strip("/")) if p)

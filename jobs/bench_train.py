@@ -1,0 +1,110 @@
+"""Training throughput benchmark: tokens/s and MFU of base training at a given depth and batch.
+
+    python -m jobs.bench_train --depth 20 --device-batch-size 32          # on one GPU
+    python -m jobs.bench_train --depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --steps 3
+
+Random tokens, the real model and optimizers and the same train_step as jobs.base_train.
+The first --warmup steps (compilation) are not timed; the median step time is reported.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from jobs.base_train import peak_flops, train_step
+from vibechat.common import autocast_dtype, compute_init
+from vibechat.gpt import GPT, config_for_depth
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--depth", type=int, default=20)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (default: one micro-batch)")
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--compile", choices=["on", "off"], default="on")
+    p.add_argument("--device", default=None)
+    p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
+                   help="attention kernel order: PyTorch's default, or cuDNN attention first")
+    p.add_argument("--out", default=None, help="write the result as JSON here")
+    p.add_argument("--profile", default=None, help="after timing, profile 2 steps and write the top ops table here")
+    args = p.parse_args(argv)
+
+    _, _, _, world_size, device = compute_init(args.device)
+    dtype = autocast_dtype(device)
+    config = config_for_depth(args.depth, args.vocab_size, args.max_seq_len)
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    optimizers = model.setup_optimizers()
+    train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
+    micro_tokens = args.device_batch_size * args.max_seq_len
+    total = args.total_batch_size if args.total_batch_size > 0 else micro_tokens * world_size
+    grad_accum = total // (micro_tokens * world_size)
+
+    def random_batches():
+        while True:
+            x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
+            yield x[:, :-1], x[:, 1:]
+
+    def autocast_ctx():
+        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    if args.sdpa == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        sdpa_kernel(order, set_priority=True).__enter__()  # for the whole process
+    batches = random_batches()
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = train_step(train_model, optimizers, batches, grad_accum, autocast_ctx)
+        loss.item()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = statistics.median(times)
+    tok_per_sec = total / dt
+    flops_per_token = model.estimate_flops()
+    peak = peak_flops(device)
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "torch": torch.__version__, "depth": args.depth, "params": model.num_params(),
+        "seq_len": args.max_seq_len, "device_batch_size": args.device_batch_size, "grad_accum": grad_accum,
+        "tokens_per_step": total, "median_step_s": dt, "tok_per_sec": tok_per_sec,
+        "flops_per_token": flops_per_token,
+        "mfu": flops_per_token * tok_per_sec / (peak * world_size) if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
+        "compile": args.compile, "dtype": str(dtype), "sdpa": args.sdpa,
+    }
+    mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a"
+    print(f"d{args.depth} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
+          f"{tok_per_sec:,.0f} tok/s, MFU {mfu}, step {dt * 1000:.0f} ms, mem {result['peak_memory_gib']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(2):
+                train_step(train_model, optimizers, batches, grad_accum, autocast_ctx).item()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        with open(args.profile, "w") as f:
+            f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
