@@ -235,7 +235,7 @@ class RustBPETokenizer(ChatTokenizer):
             trainer.train_from_iterator(texts, num_ordinary, pattern=SPLIT_PATTERN)
         except UnicodeEncodeError as e:
             raise texts.not_utf8(e) from None
-        texts.check_trained(num_ordinary, trainer.vocab_size)
+        texts.check_trained(vocab_size, trainer.vocab_size + len(SPECIAL_TOKENS))
         mergeable_ranks = {bytes(token): rank for token, rank in trainer.get_mergeable_ranks()}
         special_tokens = {name: num_ordinary + i for i, name in enumerate(SPECIAL_TOKENS)}
         enc = tiktoken.Encoding(
