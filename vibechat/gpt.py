@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from vibechat.common import VibechatError, get_dist_info
 
-HEAD_DIM = 128
-SOFTCAP = 15.0  # head size of the depth presets: model_dim = depth * 64, n_head = model_dim / 128
+HEAD_DIM = 128  # head size of the depth presets: model_dim = depth * 64, n_head = model_dim / 128
+SOFTCAP = 15.0  # logits are squashed into (-15, 15)
 
 
 @dataclass
@@ -109,45 +109,6 @@ class Block(nn.Module):
     def forward(self, x, cos_sin, kv_cache):
         x = x + self.attn(norm(x), cos_sin, kv_cache)
         return x + self.mlp(norm(x))
-
-
-class ChunkedLinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of softcap(x @ W^T) without ever holding all the logits.
-
-    The full logits of a d20 batch (65536 tokens x 65536 vocab, fp32) take 16 GiB, which caps the
-    batch size. Here each chunk of rows computes its logits, loss and the gradients w.r.t. x and W in
-    the forward pass, so only one chunk of logits lives at a time; backward just scales them.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, compute_dtype, chunks):
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1)
-        w = weight.to(compute_dtype)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for xs, ts, vs, gxs in zip(x.chunk(chunks), targets.chunk(chunks), valid.chunk(chunks), grad_x.chunk(chunks)):
-            xs = xs.to(compute_dtype)
-            capped = torch.tanh((xs @ w.T).float() / SOFTCAP)
-            logits = SOFTCAP * capped
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_targets = ts.clamp(min=0).unsqueeze(1)
-            loss += ((lse - logits.gather(1, safe_targets).squeeze(1)) * vs).sum()
-            # d loss / d logits = (softmax - onehot) / n_valid; then through the softcap's tanh
-            grad = torch.exp(logits - lse.unsqueeze(1))
-            grad.scatter_add_(1, safe_targets, -torch.ones_like(safe_targets, dtype=grad.dtype))
-            grad *= (vs.unsqueeze(1) / n_valid) * (1 - capped * capped)
-            grad = grad.to(compute_dtype)
-            gxs.copy_(grad @ w)
-            grad_w += (grad.T @ xs).float()
-        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        return loss / n_valid
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
 
 
 class GPT(nn.Module):
@@ -249,11 +210,6 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
-        if targets is not None and loss_reduction == "mean" and torch.is_grad_enabled():
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            chunks = max(1, B * T * self.config.vocab_size // 2 ** 30)  # about 4 GiB of fp32 logits per chunk
-            return ChunkedLinearCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
-                                                   dtype, chunks)
         logits = self.lm_head(x).float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:

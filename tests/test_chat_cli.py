@@ -1,0 +1,97 @@
+"""python -m jobs.chat_cli against a tiny checkpoint and tokenizer written into a base dir."""
+
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from jobs.chat_cli import TOOL_MARKERS
+from vibechat.checkpoint_manager import save_checkpoint
+from vibechat.engine import Engine
+from vibechat.gpt import GPT, GPTConfig
+from vibechat.tokenizer import RustBPETokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TEXTS = ["hello there, how are you today?", "the sky is blue because air scatters blue light",
+         "two plus three is five", "a quick brown fox jumps over the lazy dog"] * 20
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A base dir holding a trained 300-token tokenizer and an sft checkpoint of a tiny random GPT."""
+    base = tmp_path_factory.mktemp("run")
+    tokenizer = RustBPETokenizer.train_from_iterator(iter(TEXTS), vocab_size=300)
+    tokenizer.save(str(base / "tokenizer"))
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
+    model = GPT(config)
+    model.init_weights()
+    for p in model.parameters():  # past init, where every block is the identity
+        p.data.normal_(std=0.3)
+    save_checkpoint(str(base / "checkpoints" / "sft" / "d2"), 0, model.state_dict(), None,
+                    {"step": 0, "model_config": asdict(config)})
+    return base, model, tokenizer
+
+
+def chat_cli(base, *args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
+    env["VIBECHAT_BASE_DIR"] = str(base)
+    return subprocess.run([sys.executable, "-m", "jobs.chat_cli", "--device", "cpu", *args], cwd=REPO, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def greedy_reply(model: GPT, tokenizer: RustBPETokenizer, text: str, max_tokens: int) -> str:
+    special = tokenizer.encode_special
+    prompt = [tokenizer.get_bos_token_id(), special("<|user_start|>"), *tokenizer.encode(text),
+              special("<|user_end|>"), special("<|assistant_start|>")]
+    results, _ = Engine(model.eval(), tokenizer).generate_batch(prompt, max_tokens=max_tokens, temperature=0.0)
+    text = tokenizer.decode(results[0][len(prompt):])
+    for name, marker in TOOL_MARKERS.items():  # tool tokens print as markers
+        text = text.replace(name, marker)
+    return text
+
+
+def test_one_shot_prompt_prints_the_models_reply_and_exits_zero(run_dir):
+    base, model, tokenizer = run_dir
+    result = chat_cli(base, "--source", "sft", "-p", "hello there", "-t", "0", "--max-tokens", "12")
+    assert result.returncode == 0, result.stderr
+    expected = greedy_reply(model, tokenizer, "hello there", max_tokens=12)
+    assert expected.strip()
+    assert result.stdout == expected + "\n"
+
+
+def test_interactive_chat_survives_an_overlong_prompt_clears_and_ends_at_eof(run_dir):
+    base, _, _ = run_dir
+    too_long = "the sky is blue " * 40
+    result = chat_cli(base, "--source", "sft", "--max-tokens", "8", stdin=f"{too_long}\nhello\nclear\nhi\n")
+    assert result.returncode == 0, result.stderr
+    assert "error: the prompt has" in result.stdout
+    assert "(conversation cleared)" in result.stdout
+    assert result.stdout.count("Assistant: ") == 3
+
+
+def test_quit_ends_the_session(run_dir):
+    base, _, _ = run_dir
+    result = chat_cli(base, "--source", "sft", stdin="quit\nhello\n")
+    assert result.returncode == 0, result.stderr
+    assert "Assistant: " not in result.stdout
+
+
+def test_a_missing_checkpoint_is_one_clear_line_and_a_nonzero_exit(tmp_path):
+    result = chat_cli(tmp_path, "--source", "rl", "-p", "hello")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no 'rl' checkpoint") and "chat_rl" in lines[0]
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("option, value, message", [("-t", "-1", "--temperature -1.0"), ("-k", "0", "--top-k 0"),
+                                                    ("--max-tokens", "0", "--max-tokens 0")])
+def test_a_bad_sampling_option_is_one_clear_line_and_a_nonzero_exit(tmp_path, option, value, message):
+    result = chat_cli(tmp_path, "-p", "hello", option, value)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {message} is not allowed")

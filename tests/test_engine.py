@@ -1,0 +1,314 @@
+"""The inference engine: KV cache against full forward passes, sampling, stop tokens, calculator tool use, bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from vibechat.common import VibechatError
+from vibechat.engine import Engine, KVCache, _decode_step, _StepCache, sample_next_token
+from vibechat.gpt import GPT, GPTConfig
+from vibechat.tokenizer import SPECIAL_TOKENS
+
+VOCAB = 64
+
+
+class CharTokenizer:
+    """Stands in for the BPE tokenizer: one id per character, then the special tokens from first_special on."""
+    CHARS = "0123456789+-*/.() abcdefghijklmnopqrstuvwxyz"
+
+    def __init__(self, first_special: int):
+        self.first_special = first_special
+
+    def encode(self, text: str) -> list[int]:
+        return [self.CHARS.index(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.CHARS[i] for i in ids)
+
+    def encode_special(self, name: str) -> int:
+        return self.first_special + SPECIAL_TOKENS.index(name)
+
+    def get_bos_token_id(self) -> int:
+        return self.encode_special("<|bos|>")
+
+
+def random_gpt(seed: int = 0) -> GPT:
+    """A tiny GPT (with grouped-query attention) whose every weight is random: at init the blocks are the
+    identity, which would make the model a bigram table that no cache bug could change."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=48, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=module.weight.size(1) ** -0.5)
+    return model.eval()
+
+
+def gpt_engine(seed: int = 0) -> Engine:
+    # special tokens past the vocabulary: a random model never stops or calls the calculator
+    return Engine(random_gpt(seed), CharTokenizer(first_special=VOCAB))
+
+
+class ScriptedModel(nn.Module):
+    """Writes script[row][n] at its n-th call whatever it reads, and records the tokens it reads. It keeps one
+    1-wide head in the cache, so the engine's prefill, cache copy and decode steps run as for a GPT."""
+
+    def __init__(self, script: list[list[int]], vocab_size: int):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=1)
+        self.rotary_seq_len = 640
+        self.script = script
+        self.calls = 0
+        self.read = []  # the last token of each call's input, per row
+
+    def get_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        B, T = idx.shape
+        kv_cache.insert_kv(0, torch.zeros(B, 1, T, 1), torch.zeros(B, 1, T, 1))
+        self.read.append(idx[:, -1].tolist())
+        rows = self.script if B == len(self.script) else self.script[:1] * B  # the prefill runs at batch 1
+        chosen = torch.tensor([row[self.calls] for row in rows])
+        self.calls += 1
+        return 10.0 * nn.functional.one_hot(chosen, self.config.vocab_size).float()[:, None, :].expand(B, T, -1)
+
+
+def scripted_engine(script: list[list[int]]) -> tuple[Engine, ScriptedModel, CharTokenizer]:
+    tokenizer = CharTokenizer(first_special=len(CharTokenizer.CHARS))
+    model = ScriptedModel(script, vocab_size=len(CharTokenizer.CHARS) + len(SPECIAL_TOKENS))
+    return Engine(model, tokenizer), model, tokenizer
+
+
+def stream(engine: Engine, tokens: list[int], **kwargs) -> tuple[list[list[int]], list[list[int]]]:
+    """The streamed columns and their masks."""
+    columns, masks = [], []
+    for column, column_masks in engine.generate(tokens, **kwargs):
+        columns.append(column)
+        masks.append(column_masks)
+    return columns, masks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the KV cache against a full forward pass
+
+
+@torch.inference_mode()
+def test_prefill_then_one_token_decode_steps_give_the_full_forward_logits():
+    model = random_gpt()
+    ids = torch.randint(0, VOCAB, (2, 20))
+    full = model(ids)
+    cache = KVCache(2, num_heads=2, seq_len=20, head_dim=8, num_layers=2)
+    steps = [model(ids[:, :12], kv_cache=cache)]
+    for t in range(12, 20):
+        steps.append(model(ids[:, t:t + 1], kv_cache=cache))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.get_pos() == 20
+
+
+@torch.inference_mode()
+def test_chunked_prefill_gives_the_full_forward_logits():
+    model = random_gpt()
+    ids = torch.randint(0, VOCAB, (1, 20))
+    full = model(ids)
+    cache = KVCache(1, num_heads=2, seq_len=32, head_dim=8, num_layers=2)
+    chunks = [model(ids[:, a:b], kv_cache=cache) for a, b in [(0, 7), (7, 15), (15, 16), (16, 20)]]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_decode_at_a_device_position_over_the_whole_preallocated_cache_gives_the_full_forward_logits():
+    model = random_gpt()
+    ids = torch.randint(0, VOCAB, (3, 20))
+    ids[:, :12] = ids[0, :12]  # three continuations of one prompt
+    full = model(ids)
+    prompt = KVCache(1, num_heads=2, seq_len=12, head_dim=8, num_layers=2)
+    model(ids[:1, :12], kv_cache=prompt)
+    cache = KVCache(3, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
+    cache.prefill(prompt)
+    step_cache = _StepCache(cache, torch.tensor([12]))
+    logits = [_decode_step(model, ids[:, t:t + 1], step_cache) for t in range(12, 20)]
+    torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 12:], atol=1e-5, rtol=1e-5)
+    assert step_cache.pos.item() == 20
+
+
+@torch.inference_mode()
+def test_decode_step_compiles_to_one_graph_that_matches_eager_at_every_batch_and_cache_length():
+    model = random_gpt()
+    # aot_eager runs Dynamo and the functionalization of the in-place cache writes, as on CUDA, in seconds
+    compiled = torch.compile(_decode_step, backend="aot_eager", fullgraph=True)
+    for batch_size, seq_len in [(1, 256), (3, 512), (2, 768)]:  # new shapes recompile, then go dynamic
+        ids = torch.randint(0, VOCAB, (batch_size, 16))
+        full = model(ids)
+        cache = KVCache(batch_size, num_heads=2, seq_len=seq_len, head_dim=8, num_layers=2)
+        model(ids[:, :10], kv_cache=cache)
+        step_cache = _StepCache(cache, torch.tensor([10]))
+        logits = [compiled(model, ids[:, t:t + 1].clone(), step_cache) for t in range(10, 16)]
+        torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 10:], atol=1e-5, rtol=1e-5)
+
+
+def test_prefill_copies_a_batch_one_cache_into_every_row():
+    source = KVCache(1, num_heads=2, seq_len=5, head_dim=4, num_layers=3)
+    for layer in range(3):
+        source.insert_kv(layer, torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4))
+    target = KVCache(4, num_heads=2, seq_len=16, head_dim=4, num_layers=3)
+    target.prefill(source)
+    assert target.get_pos() == 5
+    for layer in range(3):
+        assert torch.equal(target.k[layer][:, :, :5], source.k[layer].expand(4, -1, -1, -1))
+        assert torch.equal(target.v[layer][:, :, :5], source.v[layer].expand(4, -1, -1, -1))
+
+
+def test_insert_kv_returns_the_cache_up_to_the_new_tokens_and_moves_after_the_last_layer():
+    cache = KVCache(1, num_heads=1, seq_len=8, head_dim=2, num_layers=2)
+    keys, _ = cache.insert_kv(0, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    assert keys.shape == (1, 1, 3, 2) and cache.get_pos() == 0
+    cache.insert_kv(1, torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2))
+    assert cache.get_pos() == 3
+    cache.reset()
+    assert cache.get_pos() == 0
+
+
+def test_inserting_past_the_cache_length_is_a_clear_error():
+    cache = KVCache(1, num_heads=1, seq_len=4, head_dim=2, num_layers=1)
+    cache.insert_kv(0, torch.zeros(1, 1, 3, 2), torch.zeros(1, 1, 3, 2))
+    with pytest.raises(VibechatError, match="KV cache of 4 positions"):
+        cache.insert_kv(0, torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sampling
+
+
+def test_temperature_zero_and_top_k_one_both_pick_the_argmax():
+    logits = torch.randn(5, VOCAB)
+    rng = torch.Generator().manual_seed(0)
+    argmax = logits.argmax(dim=-1, keepdim=True)
+    assert torch.equal(sample_next_token(logits, rng, temperature=0.0), argmax)
+    assert torch.equal(sample_next_token(logits, rng, temperature=5.0, top_k=1), argmax)
+
+
+def test_top_k_samples_only_among_the_k_largest_logits():
+    logits = torch.randn(1, VOCAB).expand(2000, -1)
+    allowed = set(logits[0].topk(3).indices.tolist())
+    drawn = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=1.0, top_k=3)
+    assert drawn.shape == (2000, 1) and set(drawn.view(-1).tolist()) == allowed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation
+
+
+def test_greedy_generation_equals_gpt_generate_token_for_token():
+    engine = gpt_engine()
+    prompt = [3, 14, 15, 9, 2, 6]
+    expected = list(engine.model.generate(prompt, max_tokens=30, temperature=0.0))
+    columns, masks = stream(engine, prompt, max_tokens=30, temperature=0.0)
+    assert [column[0] for column in columns] == expected
+    assert all(m == [1] for m in masks)
+
+
+def test_greedy_rows_of_a_batch_all_equal_gpt_generate():
+    engine = gpt_engine()
+    prompt = [7, 1, 8]
+    expected = list(engine.model.generate(prompt, max_tokens=20, temperature=0.0))
+    results, masks = engine.generate_batch(prompt, num_samples=3, max_tokens=20, temperature=0.0)
+    assert results == [prompt + expected] * 3
+    assert masks == [[0] * 3 + [1] * 20] * 3
+
+
+def test_a_request_leaves_nothing_behind_for_the_next_one():
+    engine = gpt_engine()
+    first = engine.generate_batch([1, 2, 3, 4, 5], num_samples=2, max_tokens=15, temperature=0.0)
+    engine.generate_batch([9] * 30, num_samples=2, max_tokens=15, temperature=0.0)  # same buffers, longer prompt
+    assert engine.generate_batch([1, 2, 3, 4, 5], num_samples=2, max_tokens=15, temperature=0.0) == first
+
+
+def test_sampled_rows_differ_and_the_same_seed_repeats_them():
+    engine = gpt_engine()
+    results, _ = engine.generate_batch([5, 6], num_samples=4, max_tokens=12, temperature=1.0, seed=3)
+    assert len({tuple(row) for row in results}) > 1
+    again, _ = engine.generate_batch([5, 6], num_samples=4, max_tokens=12, temperature=1.0, seed=3)
+    assert again == results
+    other, _ = engine.generate_batch([5, 6], num_samples=4, max_tokens=12, temperature=1.0, seed=4)
+    assert other != results
+
+
+def test_max_tokens_bounds_the_number_of_columns():
+    engine = gpt_engine()
+    assert len(stream(engine, [1, 2, 3], max_tokens=7)[0]) == 7
+    assert stream(engine, [1, 2, 3], max_tokens=0)[0] == []
+
+
+def test_without_max_tokens_generation_fills_the_context():
+    engine = gpt_engine()
+    columns, _ = stream(engine, list(range(10)), temperature=0.0)
+    assert len(columns) == engine.model.config.sequence_len - 10
+
+
+def test_a_row_stops_at_assistant_end_or_bos_and_the_stream_ends_when_all_rows_have():
+    tokenizer = CharTokenizer(first_special=len(CharTokenizer.CHARS))
+    a, b = tokenizer.encode("ab")
+    end, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()
+    engine, _, _ = scripted_engine([[a, end, b, b, b, b], [a, b, b, bos, a, a]])
+    columns, _ = stream(engine, [bos], num_samples=2, max_tokens=6)
+    assert columns == [[a, a], [end, b], [b, b], [b, bos]]
+    engine, _, _ = scripted_engine([[a, end, b, b, b, b], [a, b, b, bos, a, a]])
+    results, masks = engine.generate_batch([bos], num_samples=2, max_tokens=6)
+    assert results == [[bos, a], [bos, a, b, b]]
+    assert masks == [[0, 1], [0, 1, 1, 1]]
+
+
+def test_a_calculator_call_gets_its_result_forced_into_the_row_with_mask_zero():
+    tokenizer = CharTokenizer(first_special=len(CharTokenizer.CHARS))
+    special = tokenizer.encode_special
+    call = [special("<|python_start|>"), *tokenizer.encode("2+3"), special("<|python_end|>")]
+    filler = tokenizer.encode("x")
+    reply = call + filler * 3 + tokenizer.encode("k") + [special("<|assistant_end|>")]
+    engine, model, _ = scripted_engine([reply, reply])
+    columns, masks = stream(engine, [tokenizer.get_bos_token_id()], num_samples=2)
+    forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
+    expected = call + forced + tokenizer.encode("k") + [special("<|assistant_end|>")]
+    assert [column[0] for column in columns] == expected
+    assert [m[0] for m in masks] == [1] * len(call) + [0] * 3 + [1, 1]
+    assert all(column[0] == column[1] for column in columns) and all(m[0] == m[1] for m in masks)
+    # the model reads the forced tokens as its next inputs
+    assert [row[0] for row in model.read[1:]] == expected[:-1]
+
+
+def test_a_call_the_calculator_refuses_forces_nothing():
+    tokenizer = CharTokenizer(first_special=len(CharTokenizer.CHARS))
+    special = tokenizer.encode_special
+    reply = [special("<|python_start|>"), *tokenizer.encode("1/0"), special("<|python_end|>"),
+             *tokenizer.encode("ok"), special("<|assistant_end|>")]
+    engine, _, _ = scripted_engine([reply])
+    columns, masks = stream(engine, [tokenizer.get_bos_token_id()])
+    assert [column[0] for column in columns] == reply
+    assert all(m == [1] for m in masks)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bad input: one clear error, and the engine serves the next request
+
+
+@pytest.mark.parametrize("tokens, kwargs, message", [
+    ([], {}, "prompt is empty"),
+    (list(range(10)) * 5, {}, "more than the model's context of 48"),
+    ([1, 2, VOCAB], {}, "not an id in the vocabulary"),
+    ([1, 2], {"temperature": -0.5}, "temperature -0.5"),
+    ([1, 2], {"top_k": 0}, "top_k 0"),
+    ([1, 2], {"max_tokens": -1}, "max_tokens -1"),
+    ([1, 2], {"num_samples": 0}, "num_samples 0"),
+])
+def test_bad_requests_get_one_clear_error_and_the_engine_keeps_serving(tokens, kwargs, message):
+    engine = gpt_engine()
+    with pytest.raises(VibechatError, match=message):
+        engine.generate_batch(tokens, **{"max_tokens": 5, **kwargs})
+    results, _ = engine.generate_batch([1, 2], max_tokens=5)
+    assert len(results[0]) == 7
+
+
+def test_top_k_above_the_vocabulary_size_keeps_every_token():
+    engine = gpt_engine()
+    clamped = engine.generate_batch([4, 2], num_samples=3, max_tokens=10, top_k=10 * VOCAB, seed=1)
+    assert clamped == engine.generate_batch([4, 2], num_samples=3, max_tokens=10, top_k=None, seed=1)
