@@ -164,7 +164,7 @@ def main(argv=None) -> None:
         for opt, state in zip(optimizers, optim_data["optimizers"]):
             opt.load_state_dict(state)
         loader_state = optim_data["loader_state"]
-        torch.set_rng_state(optim_data["rng"]["cpu"])
+        torch.set_rng_state(optim_data["rng"]["cpu"].cpu())  # map_location moved it to the device
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     train_model = torch.compile(model, dynamic=False) if use_compile else model
 

@@ -11,6 +11,11 @@ import time
 import uuid
 
 import pytest
+import torch
+
+# tiny models on a 2-core machine: one thread avoids oversubscription, which made small ops ~20x slower
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 S3_ACCESS_KEY = "vibechat-test"
 S3_SECRET_KEY = "vibechat-test-secret"

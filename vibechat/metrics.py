@@ -8,6 +8,8 @@ import time
 from vibechat.common import get_base_dir, get_dist_info
 from vibechat.storage import open_store
 
+_GAUGES = {}  # name -> Gauge, per process: prometheus refuses a second gauge of the same name
+
 
 class MetricsLogger:
     """log(step=..., loss=...) appends a line; rank != 0 does nothing."""
@@ -18,7 +20,6 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.store = open_store(base_dir or get_base_dir())
         self.key = f"metrics/{phase}.jsonl"
-        self._gauges = {}
         port = os.environ.get("VIBECHAT_METRICS_PORT")
         if self.enabled and port:
             from prometheus_client import start_http_server
@@ -38,9 +39,9 @@ class MetricsLogger:
         for name, value in values.items():
             if not isinstance(value, (int, float)):
                 continue
-            if name not in self._gauges:
-                self._gauges[name] = Gauge(f"vibechat_{name}", f"latest {name}", ["phase"])
-            self._gauges[name].labels(phase=self.phase).set(value)
+            if name not in _GAUGES:
+                _GAUGES[name] = Gauge(f"vibechat_{name}", f"latest {name}", ["phase"])
+            _GAUGES[name].labels(phase=self.phase).set(value)
 
 
 def read_metrics(store, key: str) -> tuple[list[dict], int]:

@@ -1,0 +1,145 @@
+"""Midtraining: conversations packed into rows, the mixture spec, resuming after a kill, the missing-base error."""
+
+import io
+import itertools
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from jobs.mid_train import conversation_batches, estimate_iterations, main, task_mixture
+from tasks.standins import StandinConversations
+from vibechat.checkpoint_manager import save_checkpoint
+from vibechat.common import VibechatError
+from vibechat.gpt import GPT, config_for_depth
+from vibechat.metrics import read_metrics
+from vibechat.storage import open_store
+from vibechat.tokenizer import RustBPETokenizer, save_token_bytes
+
+VOCAB_SIZE = 300
+
+
+def make_run(base_dir: str, phase: str = "base", depth: int = 1, seq_len: int = 64) -> RustBPETokenizer:
+    """A run folder holding a small tokenizer and a freshly initialized checkpoint of `phase` (tag d<depth>)."""
+    texts = [m["content"] for i in range(300) for m in StandinConversations(size=300)[i]["messages"]]
+    tokenizer = RustBPETokenizer.train_from_iterator(texts, VOCAB_SIZE)
+    tokenizer.save(f"{base_dir}/tokenizer")
+    save_token_bytes(tokenizer, f"{base_dir}/tokenizer")
+    torch.manual_seed(0)
+    config = config_for_depth(depth, VOCAB_SIZE, seq_len)
+    model = GPT(config)
+    model.init_weights()
+    save_checkpoint(f"{base_dir}/checkpoints/{phase}/d{depth}", 1, model.state_dict(), None,
+                    {"step": 1, "model_config": config.__dict__})
+    return tokenizer
+
+
+def load_torch(store, key: str):
+    return torch.load(io.BytesIO(store.get_bytes(key)), weights_only=False)
+
+
+def run_mid_train(_rank: int, argv: list[str]) -> None:
+    main(argv)
+
+
+def assert_resume_continues_exactly(base_dir: str, phase: str, run, argv: list[str], last: int, kept: int,
+                                    capfd) -> None:
+    """Run a phase (run(rank, argv), a module-level function) to step `last`, then undo every checkpoint after
+    `kept` (as if killed before committing them), resume in a fresh process, and check that it reaches the same
+    weights, optimizer state and data position at `last`."""
+    run(0, argv)
+    store = open_store(f"{base_dir}/checkpoints/{phase}/d1")
+    model_key, optim_key = f"model_{last:06d}.pt", f"optim_{last:06d}_rank0.pt"
+    straight_model, straight_optim = load_torch(store, model_key), load_torch(store, optim_key)
+    for step in range(kept + 1, last + 1):
+        if store.exists(f"meta_{step:06d}.json"):
+            store.delete(f"meta_{step:06d}.json")
+    capfd.readouterr()
+    mp.spawn(run, args=(argv,), nprocs=1, join=True)
+    assert f"resuming from step {kept} " in capfd.readouterr().out
+    resumed_model, resumed_optim = load_torch(store, model_key), load_torch(store, optim_key)
+    for name, value in straight_model.items():
+        torch.testing.assert_close(resumed_model[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for straight, resumed in zip(straight_optim["optimizers"], resumed_optim["optimizers"]):
+        for key, state in straight["state"].items():
+            for name, value in state.items():
+                torch.testing.assert_close(resumed["state"][key][name], value, rtol=1e-5, atol=1e-6)
+    assert straight_optim["loader_state"] == resumed_optim["loader_state"]
+    records, _ = read_metrics(open_store(base_dir), f"metrics/{phase}.jsonl")
+    straight_loss, resumed_loss = [r["loss"] for r in records if r["step"] == last and "loss" in r]
+    assert resumed_loss == pytest.approx(straight_loss, rel=1e-5)
+
+
+def test_packed_rows_are_the_conversations_back_to_back_with_targets_shifted_by_one(base_dir):
+    tokenizer = make_run(base_dir)
+    dataset = StandinConversations(size=20)
+    stream = [t for i in range(20) for t in tokenizer.render_conversation(dataset[i])[0]]
+    batches = conversation_batches(dataset, tokenizer, B=2, T=16, rank=0, world_size=1)
+    inputs, targets = zip(*[(x, y) for x, y, _ in itertools.islice(batches, 3)])
+    flat_inputs = torch.cat([x.reshape(-1) for x in inputs]).tolist()
+    flat_targets = torch.cat([y.reshape(-1) for y in targets]).tolist()
+    assert flat_inputs == stream[:96]
+    assert flat_targets == stream[1:97]
+
+
+def test_ranks_take_alternate_conversations(base_dir):
+    tokenizer = make_run(base_dir)
+    dataset = StandinConversations(size=20)
+    x, _, _ = next(conversation_batches(dataset, tokenizer, B=1, T=8, rank=1, world_size=2))
+    assert x[0].tolist() == tokenizer.render_conversation(dataset[1])[0][:8]
+
+
+def test_batches_from_a_saved_state_continue_the_stream_exactly(base_dir):
+    tokenizer = make_run(base_dir)
+    dataset = StandinConversations(size=20)
+    straight = list(itertools.islice(conversation_batches(dataset, tokenizer, 2, 16, 0, 1), 5))
+    _, _, state = straight[1]
+    resumed = list(itertools.islice(conversation_batches(dataset, tokenizer, 2, 16, 0, 1, state=state), 3))
+    for (x, y, s), (rx, ry, rs) in zip(straight[2:], resumed):
+        assert torch.equal(x, rx) and torch.equal(y, ry) and s == rs
+
+
+def test_one_pass_is_the_mixtures_tokens_over_the_batch_size(base_dir):
+    tokenizer = make_run(base_dir)
+    dataset = task_mixture("identity", "train")
+    tokens = sum(len(tokenizer.render_conversation(dataset[i])[0]) for i in range(len(dataset)))
+    assert estimate_iterations(dataset, tokenizer, total_batch_size=256) == round(tokens / 256)
+
+
+def test_test_mixture_leaves_out_tasks_without_a_test_split():
+    train = task_mixture("conversations-standin:5,identity:3", "train")
+    test = task_mixture("conversations-standin:5,identity:3", "test")
+    assert len(train) == 8
+    assert len(test) == 5
+    assert task_mixture("identity", "test") is None
+
+
+def test_a_malformed_task_count_is_an_error_naming_the_task():
+    with pytest.raises(VibechatError, match="'gsm8k:lots'.*positive number"):
+        task_mixture("gsm8k:lots", "train")
+
+
+ARGS = ["--device=cpu", "--tasks=conversations-standin:200,arithmetic-standin:100,identity", "--max-seq-len=64",
+        "--device-batch-size=2", "--total-batch-size=256", "--num-iterations=6", "--save-every=3",
+        "--eval-every=3", "--eval-tokens=256", "--matrix-lr=0.05"]
+
+
+def test_midtraining_resumed_after_a_kill_ends_where_an_uninterrupted_run_ends(base_dir, capfd):
+    make_run(base_dir)
+    assert_resume_continues_exactly(base_dir, "mid", run_mid_train, ARGS, last=6, kept=3, capfd=capfd)
+
+
+def test_midtraining_lowers_the_loss_and_logs_metrics_and_a_report_section(base_dir):
+    make_run(base_dir)
+    main(ARGS)
+    records, bad = read_metrics(open_store(base_dir), "metrics/mid.jsonl")
+    losses = [r["raw_loss"] for r in records if "raw_loss" in r]
+    assert bad == 0 and len(losses) == 6 and losses[-1] < losses[0]
+    assert [r["step"] for r in records if "val_bpb" in r] == [0, 3, 6]
+    assert "## Midtraining" in open_store(base_dir).get_text("report/midtraining.md")
+
+
+def test_midtraining_without_a_base_model_says_to_run_base_training_first(base_dir):
+    make_run(base_dir, phase="other")
+    with pytest.raises(VibechatError, match=r"python -m jobs\.base_train"):
+        main(ARGS)
