@@ -15,7 +15,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from vibechat.checkpoint_manager import build_model, find_last_step, load_checkpoint, save_checkpoint
+from vibechat.checkpoint_manager import (build_model, find_last_step, load_checkpoint, load_optimizer_state,
+                                         save_checkpoint)
 from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0,
                              print_banner, run_main)
 from vibechat.gpt import GPT, config_for_depth
@@ -139,10 +140,15 @@ def main(argv=None) -> None:
         start_step = 0
     loader_state, meta = None, {}
     if start_step:
-        model_data, optim_data, meta = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True)
+        model_data, _, meta = load_checkpoint(checkpoint_dir, start_step, device)
         if meta.get("model_config") != config.__dict__:
             raise VibechatError(f"checkpoint {checkpoint_dir} step {start_step} is a {meta.get('model_config')} "
                                 f"model but this run builds {config.__dict__}: use another --model-tag or depth")
+        if meta.get("world_size", world_size) != world_size:
+            raise VibechatError(f"checkpoint {checkpoint_dir} step {start_step} was written by {meta['world_size']} ranks "
+                                f"but this run has {world_size}: resume with {meta['world_size']} ranks "
+                                "(nnodes x nproc_per_node), or use another --model-tag")
+        optim_data = load_optimizer_state(checkpoint_dir, start_step, device)
         model = build_model(model_data, meta, device, "train")
         print0(f"resuming from step {start_step} of {checkpoint_dir}")
     else:
@@ -196,7 +202,7 @@ def main(argv=None) -> None:
     def checkpoint(step: int) -> None:
         optim_data = {"optimizers": [opt.state_dict() for opt in optimizers], "loader_state": last_state["value"],
                       "rng": {"cpu": torch.get_rng_state()}}
-        meta_data = {"step": step, "model_config": config.__dict__, "user_config": vars(args),
+        meta_data = {"step": step, "model_config": config.__dict__, "user_config": vars(args), "world_size": world_size,
                      "num_iterations": num_iterations, "smooth_loss": smooth_loss, "val_bpb": val_bpb,
                      "train_seconds": train_seconds, "device_batch_size": args.device_batch_size,
                      "max_seq_len": args.max_seq_len}

@@ -75,12 +75,14 @@ def load_checkpoint(checkpoint_dir: str, step: int, device, load_optimizer: bool
         raise VibechatError(f"checkpoint meta file {store.uri(meta_key)} is corrupt: delete it to fall back "
                             "to the previous checkpoint") from None
     model_data = _get_torch(store, f"model_{step:06d}.pt", device)
-    optimizer_data = None
-    if load_optimizer:
-        if rank is None:
-            rank = get_dist_info()[1]
-        optimizer_data = _get_torch(store, f"optim_{step:06d}_rank{rank}.pt", device)
+    optimizer_data = load_optimizer_state(checkpoint_dir, step, device, rank) if load_optimizer else None
     return model_data, optimizer_data, meta
+
+
+def load_optimizer_state(checkpoint_dir: str, step: int, device, rank: int | None = None) -> dict:
+    """This rank's optimizer file of a checkpoint (optimizer states, data position, RNG)."""
+    rank = get_dist_info()[1] if rank is None else rank
+    return _get_torch(open_store(checkpoint_dir), f"optim_{step:06d}_rank{rank}.pt", device)
 
 
 def find_last_step(checkpoint_dir: str) -> int:
