@@ -12,12 +12,8 @@ the mean centered accuracy for CORE, bits per byte for the splits), and to the r
 
 import argparse
 
-import torch
-import torch.distributed as dist
-
-from vibechat.checkpoint_manager import find_largest_model, load_model
-from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, get_store_url,
-                             print0, print_banner, run_main)
+from jobs.phase import add_device_args, autocast_context, end_phase, load_eval_model
+from vibechat.common import VibechatError, compute_init, get_store_url, print0, print_banner, run_main
 from vibechat.core_eval import (EVAL_BUNDLE_URL, CoreTask, core_score, evaluate_core, load_eval_bundle,
                                 standin_core_tasks)
 from vibechat.engine import Engine
@@ -53,9 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass for bits per byte")
     p.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS),
                    help=f"how many of the {len(SAMPLE_PROMPTS)} fixed prompts to continue greedily (0: none)")
-    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype (auto: bf16 on GPUs that support it, else fp32)")
+    add_device_args(p)
     args = p.parse_args(argv)
     if args.max_per_task == 0 or args.max_per_task < -1:
         raise VibechatError(f"--max-per-task {args.max_per_task}: use a positive number of examples, or -1 for all")
@@ -66,18 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise VibechatError(f"--samples {args.samples}: there are {len(SAMPLE_PROMPTS)} sample prompts; use 0 to "
                             f"{len(SAMPLE_PROMPTS)}")
     return args
-
-
-def load_eval_model(source: str, model_tag: str | None, step: int | None, device):
-    """(model, tokenizer, meta, model_tag) of the checkpoint to evaluate, by default the source's largest model at
-    its newest step; without one, load_model's error names the phase to run first."""
-    if model_tag is None:
-        try:
-            model_tag = find_largest_model(f"{get_base_dir().rstrip('/')}/checkpoints/{source}")
-        except FileNotFoundError:
-            pass
-    model, tokenizer, meta = load_model(source, device, "eval", model_tag, step)
-    return model, tokenizer, meta, model_tag
 
 
 def core_tasks(which: str, url: str) -> tuple[list[CoreTask], str]:
@@ -109,11 +91,8 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     print_banner()
-    ddp, rank, _, world_size, device = compute_init(args.device)
-    dtype = autocast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-
-    def autocast_ctx():
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    _, rank, _, world_size, device = compute_init(args.device)
+    autocast_ctx = autocast_context(device, args.dtype)
 
     tasks, core_name = core_tasks(args.core, args.eval_bundle_url)  # before the model: a missing bundle fails fast
     model, tokenizer, meta, model_tag = load_eval_model(args.source, args.model_tag, args.step, device)
@@ -161,9 +140,7 @@ def main(argv=None) -> None:
         "|---|---:|---:|",
         *(f"| {label} | {r['accuracy']:.4f} | {r['centered']:.4f} |" for label, r in results.items()),
     ])
-    if ddp:
-        dist.barrier()
-    compute_cleanup()
+    end_phase()
 
 
 if __name__ == "__main__":

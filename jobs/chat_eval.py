@@ -27,11 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from jobs.base_eval import load_eval_model
+from jobs.phase import add_device_args, autocast_context, end_phase, load_eval_model
 from tasks.common import Task
 from tasks.registry import TASKS, get_task, task_parameters
-from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, print0, print_banner,
-                             run_main)
+from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
 from vibechat.core_eval import centered_accuracy
 from vibechat.engine import Engine
 from vibechat.metrics import MetricsLogger
@@ -52,9 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: the source's largest model)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
-    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype (auto: bf16 on GPUs that support it, else fp32)")
+    add_device_args(p)
     args = p.parse_args(argv)
     for name in ("max_problems", "batch_size", "num_samples", "max_new_tokens", "top_k"):
         value = getattr(args, name)
@@ -167,8 +164,8 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     print_banner()
-    ddp, rank, _, world_size, device = compute_init(args.device)
-    dtype = autocast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
+    _, rank, _, world_size, device = compute_init(args.device)
+    autocast_ctx = autocast_context(device, args.dtype)
     tasks = load_tasks(args.tasks)  # before the model: a bad name or a missing dataset fails fast
     model, tokenizer, meta, model_tag = load_eval_model(args.source, args.model_tag, args.step, device)
     engine = Engine(model, tokenizer)
@@ -176,7 +173,7 @@ def main(argv=None) -> None:
 
     results = []
     for number, task in enumerate(tasks, 1):
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast_ctx():
             result = evaluate_chat_task(task, model, tokenizer, engine, args, rank, world_size)
         results.append(result)
         note = f" | {result.cropped} prompts cropped to the context" if result.cropped else ""
@@ -195,9 +192,7 @@ def main(argv=None) -> None:
     get_report().log(section=f"Chat evaluation {args.source}", data=[
         vars(args), {"model": model_tag, "step": meta["step"], label: score}, *table,
     ])
-    if ddp:
-        dist.barrier()
-    compute_cleanup()
+    end_phase()
 
 
 if __name__ == "__main__":

@@ -16,19 +16,18 @@ optimizer state and the RNG; the questions and sampling seeds of a step depend o
 """
 
 import argparse
-import math
 import time
 from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
-from jobs.chat_sft import collate, global_sum, set_lr
-from jobs.mid_train import load_phase_model, restore_training_state, training_state
+from jobs.chat_sft import collate, global_sum
+from jobs.phase import (add_training_args, autocast_context, check_loss, end_phase, eval_due, load_phase_model,
+                        make_optimizers, progress_line, restore_training_state, save_due, save_training_checkpoint,
+                        set_lr, step_optimizers)
 from tasks.registry import get_task
-from vibechat.checkpoint_manager import save_checkpoint
-from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0,
-                             print_banner, run_main)
+from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
 from vibechat.engine import Engine
 from vibechat.metrics import MetricsLogger
 
@@ -47,19 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the training questions")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: from --num-epochs")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=0.05, help="peak LR as a fraction of the LRs above")
-    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations")
     p.add_argument("--eval-examples", type=int, default=400, help="held-out questions per evaluation")
     p.add_argument("--eval-samples", type=int, default=8, help="k of pass@k: answers sampled per held-out question")
-    p.add_argument("--save-every", type=int, default=60, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--log-every", type=int, default=1, help="steps between progress lines and metric records")
-    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype (auto: bf16 on GPUs that support it, else fp32)")
+    add_training_args(p, save_every=60, init_lr_frac=0.05)
     return p.parse_args(argv)
 
 
@@ -142,11 +132,8 @@ def main(argv=None) -> None:
 
     args = parse_args(argv)
     print_banner()
-    ddp, rank, _, world_size, device = compute_init(args.device)
-    dtype = autocast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-
-    def autocast_ctx():
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    _, rank, _, world_size, device = compute_init(args.device)
+    autocast_ctx = autocast_context(device, args.dtype)
 
     train_task, eval_task = get_task(args.task, split="train"), get_task(args.task, split="test")
     if train_task.eval_type != "generative":
@@ -154,11 +141,8 @@ def main(argv=None) -> None:
                             "can be rewarded, such as gsm8k or arithmetic-standin")
     if args.examples_per_step % world_size:
         raise VibechatError(f"--examples-per-step {args.examples_per_step} is not a multiple of the {world_size} ranks")
-    start = load_phase_model("rl", args.source, args.model_tag, device)
-    model, tokenizer, model_tag, meta = start.model, start.tokenizer, start.model_tag, start.meta
-    start_step = start.step
-    checkpoint_dir = f"{get_base_dir().rstrip('/')}/checkpoints/rl/{model_tag}"
-    source_step = meta["source_step"] if start_step else meta["step"]
+    start = load_phase_model("rl", args.source, args.model_tag, device, world_size)
+    model, tokenizer, start_step = start.model, start.tokenizer, start.step
     engine = Engine(model, tokenizer)
     pad_id = tokenizer.encode_special("<|assistant_end|>")
     sampling = dict(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
@@ -166,38 +150,29 @@ def main(argv=None) -> None:
     num_iterations = args.num_iterations
     if num_iterations <= 0:
         num_iterations = max(1, args.num_epochs * len(train_task) // args.examples_per_step)
-    print0(f"RL on {train_task.name} from {model_tag} ({args.source} step {source_step}): {num_iterations} steps of "
-           f"{args.examples_per_step} questions x {args.num_samples} samples")
+    print0(f"RL on {train_task.name} from {start.model_tag} ({args.source} step {start.source_step}): "
+           f"{num_iterations} steps of {args.examples_per_step} questions x {args.num_samples} samples")
 
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
-    restore_training_state(optimizers, start.optim_data)
+    optimizers = make_optimizers(model, args, args.init_lr_frac)
+    restore_training_state(optimizers, start.optim_data)  # no data position: a step's questions follow from its number
     metrics = MetricsLogger("rl")
-    passes = meta.get("pass_at_k") if start_step else None
-    train_seconds = meta.get("train_seconds", 0.0) if start_step else 0.0
-
-    def checkpoint(step: int) -> None:
-        meta_data = {"step": step, "model_config": model.config.__dict__, "user_config": vars(args),
-                     "source": args.source, "source_step": source_step, "num_iterations": num_iterations,
-                     "pass_at_k": passes, "train_seconds": train_seconds}
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), training_state(optimizers, None), meta_data)
-        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+    passes = start.meta.get("pass_at_k")
+    train_seconds = start.meta.get("train_seconds", 0.0)
 
     step = start_step
     while True:
         last = step == num_iterations
-        if args.eval_every > 0 and (last or step % args.eval_every == 0) and not (step == start_step and start_step):
+        if eval_due(step, args.eval_every, start_step, num_iterations):
             with autocast_ctx():
                 passes = pass_at_k(engine, tokenizer, eval_task, args.eval_examples, args.eval_samples, B, rank,
                                    world_size, **sampling)
             print0(f"step {step}/{num_iterations} | " + " | ".join(f"pass@{j + 1} {p:.4f}"
                                                                    for j, p in enumerate(passes)))
             metrics.log(step=step, **{f"pass@{j + 1}": p for j, p in enumerate(passes)})
-        if step != start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            checkpoint(step)
+        if save_due(step, args.save_every, start_step, num_iterations):
+            save_training_checkpoint(start.checkpoint_dir, step, model, optimizers, None, args, world_size,
+                                     source=args.source, source_step=start.source_step, num_iterations=num_iterations,
+                                     pass_at_k=passes, train_seconds=train_seconds)
         if last:
             break
         lr_mult = 1.0 - step / num_iterations
@@ -217,31 +192,25 @@ def main(argv=None) -> None:
             rewards += answer_rewards
             sampled_tokens += sum(map(sum, masks))
         loss = rl_backward(model, batches, autocast_ctx).item()
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        step_optimizers(optimizers)
         totals = global_sum(torch.tensor([sum(rewards), len(rewards), sampled_tokens], dtype=torch.float64,
                                          device=device)).tolist()
         mean_reward, mean_length = totals[0] / totals[1], totals[2] / totals[1]
         dt = time.time() - t0
         train_seconds += dt
         step += 1
-        if not math.isfinite(loss):
-            raise VibechatError(f"loss became {loss} at step {step}: lower the learning rate (--init-lr-frac)")
+        check_loss(loss, step, "lower the learning rate (--init-lr-frac)")
         if step % args.log_every == 0 or step == num_iterations:
-            print0(f"step {step}/{num_iterations} | loss {loss:.4f} | reward {mean_reward:.4f} | "
-                   f"answer tokens {mean_length:.1f} | lr {lr_mult:.3f} | dt {dt * 1000:.0f}ms")
-            metrics.log(step=step, loss=loss, reward=mean_reward, answer_tokens=mean_length, lr=lr_mult, dt=dt)
+            record = dict(loss=loss, reward=mean_reward, answer_tokens=mean_length, lr=lr_mult, dt=dt)
+            print0(progress_line(step, num_iterations, record))
+            metrics.log(step=step, **record)
 
-    results = {"model": model_tag, f"{args.source} step": source_step, "iterations": num_iterations,
+    results = {"model": start.model_tag, f"{args.source} step": start.source_step, "iterations": num_iterations,
                "train time (min)": round(train_seconds / 60, 2), "ranks": world_size}
     if passes:
         results.update({f"held-out pass@{j + 1}": p for j, p in enumerate(passes)})
     get_report().log(section="Chat RL", data=[vars(args), results])
-    if ddp:
-        dist.barrier()
-    compute_cleanup()
+    end_phase()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ optimizer state, each rank's data position and the RNG.
 """
 
 import argparse
-import math
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -22,10 +21,11 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from jobs.mid_train import load_phase_model, restore_training_state, task_mixture, training_state
-from vibechat.checkpoint_manager import save_checkpoint
-from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0,
-                             print_banner, run_main)
+from jobs.mid_train import add_tasks_arg, task_mixture
+from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, end_phase, eval_due,
+                        load_phase_model, make_optimizers, progress_line, restore_training_state, save_due,
+                        save_training_checkpoint, set_lr, step_optimizers)
+from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_SFT_TASKS = "multiple-choice-standin,arithmetic-standin,conversations-standin,identity," \
@@ -35,8 +35,7 @@ OFFLINE_SFT_TASKS = "multiple-choice-standin,arithmetic-standin,conversations-st
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--source", choices=["mid", "base"], default="mid", help="the model to fine-tune")
-    p.add_argument("--tasks", default=OFFLINE_SFT_TASKS,
-                   help="comma-separated task names, name:N for the first N examples (default: offline stand-ins)")
+    add_tasks_arg(p, default=OFFLINE_SFT_TASKS)
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: the source's largest model)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="conversations are cut to this many tokens (default: the model's context)")
@@ -45,18 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="conversations per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations is -1)")
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: from --num-epochs")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--init-lr-frac", type=float, default=0.02, help="peak LR as a fraction of the LRs above")
-    p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation loss evaluations")
     p.add_argument("--eval-steps", type=int, default=100, help="batches per validation loss evaluation")
-    p.add_argument("--save-every", type=int, default=500, help="steps between checkpoints (and one at the end)")
-    p.add_argument("--log-every", type=int, default=1, help="steps between progress lines and metric records")
-    p.add_argument("--device", default=None, help="cuda | cpu | mps (default: autodetect)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="autocast dtype (auto: bf16 on GPUs that support it, else fp32)")
+    add_training_args(p, save_every=500, init_lr_frac=0.02)
     return p.parse_args(argv)
 
 
@@ -123,30 +113,18 @@ def sft_backward(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
     return global_sum(total) / num_tokens
 
 
-def set_lr(optimizers: list, lr_mult: float) -> None:
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-
-
 def main(argv=None) -> None:
     from vibechat.report import get_report
 
     args = parse_args(argv)
     print_banner()
-    ddp, rank, _, world_size, device = compute_init(args.device)
-    dtype = autocast_dtype(device) if args.dtype == "auto" else getattr(torch, args.dtype)
-
-    def autocast_ctx():
-        return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
+    _, rank, _, world_size, device = compute_init(args.device)
+    autocast_ctx = autocast_context(device, args.dtype)
 
     train_set = task_mixture(args.tasks, "train")
     val_set = task_mixture(args.tasks, "test")
-    start = load_phase_model("sft", args.source, args.model_tag, device)
-    model, tokenizer, model_tag, meta = start.model, start.tokenizer, start.model_tag, start.meta
-    start_step = start.step
-    checkpoint_dir = f"{get_base_dir().rstrip('/')}/checkpoints/sft/{model_tag}"
-    source_step = meta["source_step"] if start_step else meta["step"]
+    start = load_phase_model("sft", args.source, args.model_tag, device, world_size)
+    model, tokenizer, start_step = start.model, start.tokenizer, start.step
     max_len = args.max_seq_len or model.config.sequence_len
 
     B = args.device_batch_size
@@ -157,27 +135,17 @@ def main(argv=None) -> None:
     num_iterations = args.num_iterations
     if num_iterations <= 0:
         num_iterations = max(1, args.num_epochs * len(train_set) // args.target_examples_per_step)
-    print0(f"fine-tuning {model_tag} ({args.source} step {source_step}) on {train_set.name}, {len(train_set):,} "
-           f"conversations: {num_iterations} steps of {args.target_examples_per_step} (grad accumulation "
-           f"{grad_accum_steps})")
+    print0(f"fine-tuning {start.model_tag} ({args.source} step {start.source_step}) on {train_set.name}, "
+           f"{len(train_set):,} conversations: {num_iterations} steps of {args.target_examples_per_step} "
+           f"(grad accumulation {grad_accum_steps})")
 
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * args.init_lr_frac
+    optimizers = make_optimizers(model, args, args.init_lr_frac)
     loader_state = restore_training_state(optimizers, start.optim_data)
-    last_state = {"value": loader_state}
-
-    def batches():
-        for x, y, state in sft_batches(train_set, tokenizer, B, max_len, rank, world_size, loader_state, device):
-            last_state["value"] = state
-            yield x, y
-
-    train_batches = batches()
+    train_batches = ResumableBatches(sft_batches(train_set, tokenizer, B, max_len, rank, world_size, loader_state,
+                                                 device), loader_state)
     metrics = MetricsLogger("sft")
-    val_loss = meta.get("val_loss") if start_step else None
-    train_seconds = meta.get("train_seconds", 0.0) if start_step else 0.0
+    val_loss = start.meta.get("val_loss")
+    train_seconds = start.meta.get("train_seconds", 0.0)
 
     @torch.no_grad()
     def evaluate() -> float:
@@ -192,24 +160,17 @@ def main(argv=None) -> None:
         model.train()
         return (global_sum(total) / global_sum(count).clamp(min=1)).item()
 
-    def checkpoint(step: int) -> None:
-        meta_data = {"step": step, "model_config": model.config.__dict__, "user_config": vars(args),
-                     "source": args.source, "source_step": source_step, "num_iterations": num_iterations,
-                     "val_loss": val_loss, "train_seconds": train_seconds}
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), training_state(optimizers, last_state["value"]),
-                        meta_data)
-        print0(f"saved checkpoint step {step} to {checkpoint_dir}")
-
     step = start_step
     while True:
         last = step == num_iterations
-        evaluating = val_set is not None and args.eval_every > 0 and (last or step % args.eval_every == 0)
-        if evaluating and not (step == start_step and start_step):
+        if val_set is not None and eval_due(step, args.eval_every, start_step, num_iterations):
             val_loss = evaluate()
-            print0(f"step {step}/{num_iterations} | val loss {val_loss:.4f}")
+            print0(progress_line(step, num_iterations, {"val_loss": val_loss}))
             metrics.log(step=step, val_loss=val_loss)
-        if step != start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            checkpoint(step)
+        if save_due(step, args.save_every, start_step, num_iterations):
+            save_training_checkpoint(start.checkpoint_dir, step, model, optimizers, train_batches.state, args,
+                                     world_size, source=args.source, source_step=start.source_step,
+                                     num_iterations=num_iterations, val_loss=val_loss, train_seconds=train_seconds)
         if last:
             break
         lr_mult = 1.0 - step / num_iterations
@@ -217,28 +178,23 @@ def main(argv=None) -> None:
         t0 = time.time()
         micro_batches = [next(train_batches) for _ in range(grad_accum_steps)]
         loss = sft_backward(model, micro_batches, autocast_ctx).item()
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        step_optimizers(optimizers)
         dt = time.time() - t0
         train_seconds += dt
         step += 1
-        if not math.isfinite(loss):
-            raise VibechatError(f"loss became {loss} at step {step}: lower the learning rate (--init-lr-frac)")
+        check_loss(loss, step, "lower the learning rate (--init-lr-frac)")
         if step % args.log_every == 0 or step == num_iterations:
-            print0(f"step {step}/{num_iterations} | loss {loss:.4f} | lr {lr_mult:.3f} | dt {dt * 1000:.0f}ms")
-            metrics.log(step=step, loss=loss, lr=lr_mult, dt=dt)
+            record = dict(loss=loss, lr=lr_mult, dt=dt)
+            print0(progress_line(step, num_iterations, record))
+            metrics.log(step=step, **record)
 
     get_report().log(section="Chat SFT", data=[
         vars(args),
-        {"model": model_tag, f"{args.source} step": source_step, "iterations": num_iterations,
+        {"model": start.model_tag, f"{args.source} step": start.source_step, "iterations": num_iterations,
          "conversations": len(train_set), "final val loss": val_loss,
          "train time (min)": round(train_seconds / 60, 2), "ranks": world_size},
     ])
-    if ddp:
-        dist.barrier()
-    compute_cleanup()
+    end_phase()
 
 
 if __name__ == "__main__":

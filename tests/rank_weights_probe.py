@@ -10,9 +10,10 @@ import os
 import torch
 
 import jobs.base_train as base_train
+import jobs.phase as phase
 from vibechat.common import get_dist_info, run_main
 
-save_checkpoint = base_train.save_checkpoint
+save_checkpoint = phase.save_checkpoint
 
 
 def save_checkpoint_and_own_weights(checkpoint_dir: str, step: int, model_data: dict, optimizer_data: dict | None,
@@ -23,5 +24,5 @@ def save_checkpoint_and_own_weights(checkpoint_dir: str, step: int, model_data: 
 
 
 if __name__ == "__main__":
-    base_train.save_checkpoint = save_checkpoint_and_own_weights
+    phase.save_checkpoint = save_checkpoint_and_own_weights
     run_main(base_train.main)
