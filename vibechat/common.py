@@ -1,11 +1,14 @@
-"""Shared plumbing: where artifacts live, which device to use, distributed setup, logging."""
+"""Shared plumbing: where artifacts live, which device to use, distributed setup, logging.
+
+torch is imported inside the functions that need it: the controller, the store and the dashboard use
+this module too, and should start in a fraction of a second rather than load torch.
+"""
+
+from __future__ import annotations
 
 import logging
 import os
 import sys
-
-import torch
-import torch.distributed as dist
 
 logger = logging.getLogger("vibechat")
 
@@ -63,6 +66,8 @@ def get_dist_info() -> tuple[bool, int, int, int]:
 
 
 def autodetect_device_type() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -72,6 +77,9 @@ def autodetect_device_type() -> str:
 
 def compute_init(device_type: str | None = None) -> tuple[bool, int, int, int, torch.device]:
     """Seed, pick the device, and join the process group when launched by torchrun (NCCL on CUDA, gloo otherwise)."""
+    import torch
+    import torch.distributed as dist
+
     device_type = device_type or os.environ.get("VIBECHAT_DEVICE") or autodetect_device_type()
     if device_type == "cuda" and not torch.cuda.is_available():
         raise VibechatError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
@@ -97,12 +105,16 @@ def compute_init(device_type: str | None = None) -> tuple[bool, int, int, int, t
 
 
 def compute_cleanup() -> None:
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the GPU supports it, fp32 elsewhere (CPU bf16 is slow and lossy for tiny tests)."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -133,6 +145,8 @@ def reduce_scatter_mean(out: torch.Tensor, stacked: torch.Tensor) -> None:
 
     NCCL does it in one reduce-scatter; gloo has none, so it all-reduces and keeps its block.
     """
+    import torch.distributed as dist
+
     world = dist.get_world_size()
     if dist.get_backend() == "nccl":
         dist.reduce_scatter_tensor(out, stacked, op=dist.ReduceOp.AVG)
@@ -144,6 +158,8 @@ def reduce_scatter_mean(out: torch.Tensor, stacked: torch.Tensor) -> None:
 
 def all_gather_blocks(out: torch.Tensor, block: torch.Tensor) -> None:
     """out (world blocks along dim 0) = every rank's `block`, in rank order."""
+    import torch.distributed as dist
+
     if dist.get_backend() == "nccl":
         dist.all_gather_into_tensor(out, block)
         return

@@ -1,0 +1,63 @@
+"""Chat: talk to any checkpoint of the run (a base model continues the text instead); replies stream token by token."""
+
+import streamlit as st
+
+from dashboard import chat, data
+from vibechat.common import VibechatError
+
+MAX_TOKENS = 512  # the longest reply
+
+url, run_id = st.session_state.store_url, st.session_state.run_id
+st.title("Chat")
+found = data.checkpoints(url, run_id)
+if not found:
+    st.info(f"Run {run_id} has no checkpoint yet: chat needs one from the base, mid, sft or rl phase.")
+    st.stop()
+
+source_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
+source = source_column.selectbox("Checkpoint", list(found), index=len(found) - 1, help="the phase that wrote it",
+                                 key="chat_source")
+model_tag = tag_column.selectbox("Model", list(found[source]), key="chat_model_tag")
+step = step_column.selectbox("Step", found[source][model_tag], key="chat_step")
+temperature = temperature_column.slider("Temperature", 0.0, 2.0, 0.6, 0.05, help="0 always picks the likeliest token")
+top_k = top_k_column.slider("Top-k", 1, 200, 50, help="sample among the k likeliest tokens")
+
+try:
+    chat_model = chat.load_chat_model(data.store(url).uri(f"runs/{run_id}"), source, model_tag, step)
+except Exception as e:  # a broken checkpoint gets a message; the rest of the app goes on
+    reason = e if isinstance(e, VibechatError) else f"{type(e).__name__}: {e}"
+    st.error(f"Cannot load checkpoint {source}/{model_tag} step {step} of run {run_id}: {reason}")
+    st.stop()
+
+# a conversation belongs to one checkpoint: picking another starts a new one
+checkpoint = (url, run_id, source, model_tag, step)
+new_conversation = st.button("New conversation")
+if new_conversation or st.session_state.get("chat_checkpoint") != checkpoint:
+    st.session_state.chat_checkpoint = checkpoint
+    st.session_state.chat_messages = []  # (role, text) as shown
+    st.session_state.chat_tokens = [chat_model.engine.tokenizer.get_bos_token_id()]  # the conversation so far
+note = "" if chat_model.is_chat else " — a base model continues your text"
+if chat_model.engine.use_cuda_graph:
+    note += " — the first reply waits while the decode step compiles (about a minute)"
+st.caption(f"{source} model {model_tag}, step {step}, on {chat_model.device}{note}")
+
+for role, text in st.session_state.chat_messages:
+    st.chat_message(role).markdown(text)
+
+prompt = st.chat_input("Message the model" if chat_model.is_chat else "Text for the model to continue")
+if prompt:
+    st.chat_message("user").markdown(prompt)
+    tokens = chat.prompt_tokens(chat_model, st.session_state.chat_tokens, prompt)
+    reply: list[int] = []
+    with st.chat_message("assistant"):
+        try:
+            text = st.write_stream(chat.stream_reply(chat_model, tokens, reply, temperature, top_k, MAX_TOKENS))
+            if not text:
+                text = "*(the model ended its reply at once)*"
+                st.markdown(text)
+        except VibechatError as e:  # e.g. the conversation outgrew the model's context
+            st.error(str(e))
+            st.stop()
+    st.session_state.chat_messages += [("user", prompt), ("assistant", text)]
+    assistant_end = chat_model.engine.tokenizer.encode_special("<|assistant_end|>")
+    st.session_state.chat_tokens = tokens + reply + [assistant_end]

@@ -1,0 +1,397 @@
+"""The controller and the local backend, end to end, with stand-in phases (tests/fake_phases/phase.py).
+
+Each run here is real: `python -m jobs.controller` processes, phase jobs as detached local processes,
+run.json in a local store. The phases are stand-ins so that these tests do not depend on training.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs import controller as ctl
+from jobs import pipeline as pl
+from jobs.backends import PhaseJob
+from jobs.backends.local import LocalBackend, command
+from jobs.config import load_config
+from jobs.pipeline import PHASES
+from vibechat.common import run_main
+from vibechat.storage import open_store
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE = "tests.fake_phases.phase"
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+def fake_config(tmp_path, phases=("base", "report"), args=None, max_attempts=2) -> str:
+    """A config over the ci preset that runs `phases` with the stand-in program and skips the others."""
+    args = args or {}
+    config = {
+        "retries": {"max_attempts": max_attempts, "backoff_s": 0.2, "backoff_max_s": 1},
+        "phases": {name: {"module": FAKE, "args": {"phase": name, "steps": 3, **args.get(name, {})}}
+                   if name in phases else {"skip": True} for name in PHASES},
+    }
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def controller_env() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
+
+
+def controller(*args, store) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "jobs.controller", *args, "--store", store], cwd=REPO,
+                          env=controller_env(), capture_output=True, text=True, timeout=300)
+
+
+def controller_bg(*args, store, out) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "jobs.controller", *args, "--store", store], cwd=REPO,
+                            env=controller_env(), stdout=open(out, "w"), stderr=subprocess.STDOUT)
+
+
+def run_controller_here(argv, capsys) -> tuple[int, str, str]:
+    """The controller's main in this process, as `python -m jobs.controller` runs it: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: ctl.main(argv))
+    out, err = capsys.readouterr()
+    return exit_info.value.code, out, err
+
+
+def wait_for(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_json(store_url, run_id) -> pl.RunState:
+    return pl.from_dict(json.loads(open_store(store_url).get_text(f"runs/{run_id}/run.json")))
+
+
+def trail(store_url, run_id, phase, name) -> list[str]:
+    """Lines of a file the stand-in phase leaves in the store (starts, completions)."""
+    key = f"runs/{run_id}/fake/{phase}/{name}"
+    store = open_store(store_url)
+    return store.get_text(key).splitlines() if store.exists(key) else []
+
+
+def checkpoint_step(store_url, run_id, phase) -> int:
+    key = f"runs/{run_id}/checkpoints/{phase}/step"
+    store = open_store(store_url)
+    return int(store.get_text(key)) if store.exists(key) else 0
+
+
+def job_pid(store_url, run_id, phase, attempt) -> int:
+    path = Path(store_url) / "local-jobs" / f"vibechat-{run_id}-{phase}-{attempt}" / "pid.json"
+    return json.loads(path.read_text())["pid"]
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(autouse=True)
+def no_stray_jobs(store_url):
+    """Whatever a test leaves running in its store is stopped at its end."""
+    yield
+    for pid_file in (Path(store_url) / "local-jobs").glob("*/pid.json"):
+        try:
+            os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# --- a whole run --------------------------------------------------------------------------------
+
+def test_a_run_goes_through_every_phase_and_status_shows_each_succeeded(store_url, tmp_path, capsys):
+    r = controller("start", "--preset", "ci", "--config", fake_config(tmp_path, phases=PHASES), "--run-id", "full",
+                   store=store_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "backend local: the store is a local folder" in r.stdout
+    assert "base | step 3/3 (100%) | loss 1.0000 | tok/s 3000" in r.stdout
+    assert f"{store_url}/runs/full/report/report.md" in r.stdout
+    assert f"VIBECHAT_STORE={store_url} streamlit run dashboard/app.py" in r.stdout
+
+    code, status, _ = run_controller_here(["status", "full", "--store", store_url], capsys)
+    assert code == 0 and status.startswith("run full: succeeded")
+    for phase in PHASES:
+        assert re.search(rf"^{phase}\s+succeeded\s+1\s", status, re.M), status
+        assert len(trail(store_url, "full", phase, "completions")) == 1
+
+    env = json.loads(open_store(store_url).get_text("runs/full/fake/base/env.json"))
+    assert env["VIBECHAT_STORE"] == store_url and env["VIBECHAT_RUN"] == "full"
+    assert env["VIBECHAT_DATASET"] == "pydocs" and env["PYTHONUNBUFFERED"] == "1"
+    assert int(env["OMP_NUM_THREADS"]) >= 1
+
+
+def test_resume_from_a_phase_redoes_it_and_what_follows_only(store_url, tmp_path, capsys):
+    assert controller("start", "--preset", "ci", "--config", fake_config(tmp_path), "--run-id", "again",
+                      store=store_url).returncode == 0
+    r = controller("resume", "again", "--from", "report", store=store_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "note: checkpoints of report are kept" in r.stdout
+    run = run_json(store_url, "again")
+    assert run.phases["base"].attempt == 1 and run.phases["report"].attempt == 2
+    assert len(trail(store_url, "again", "base", "starts")) == 1
+    assert len(trail(store_url, "again", "report", "starts")) == 2
+
+    code, logs, _ = run_controller_here(["logs", "again", "report", "--attempt", "1", "--store", store_url], capsys)
+    assert code == 0 and "step 3/3 | loss 1.0000" in logs
+    code, listing, _ = run_controller_here(["list", "--store", store_url], capsys)
+    assert re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
+
+
+def test_a_failing_phase_is_retried_then_fails_the_run_and_resume_goes_on(store_url, tmp_path):
+    config = fake_config(tmp_path, phases=("data", "base"), args={"base": {"fail_starts": 2}}, max_attempts=2)
+    r = controller("start", "--preset", "ci", "--config", config, "--run-id", "fl", store=store_url)
+    assert r.returncode == 1 and "run fl failed at phase base" in r.stdout
+    run = run_json(store_url, "fl")
+    assert run.phases["base"].state == "failed" and run.phases["base"].attempt == 2
+    assert run.phases["base"].error == "exit code 2: error: fake base failing on purpose (start 2)"
+
+    r = controller("resume", "fl", store=store_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    run = run_json(store_url, "fl")
+    assert run.phases["base"].state == "succeeded" and run.phases["base"].attempt == 3
+    assert len(trail(store_url, "fl", "data", "starts")) == 1  # a succeeded phase is never redone
+
+
+# --- controllers that die, race, or are stopped --------------------------------------------------
+
+def test_after_the_controller_is_killed_mid_phase_one_of_two_resumes_adopts_the_running_job(store_url, tmp_path):
+    gate = tmp_path / "gate"
+    config = fake_config(tmp_path, args={"base": {"gate": str(gate)}})
+    first = controller_bg("start", "--preset", "ci", "--config", config, "--run-id", "kill", store=store_url,
+                          out=tmp_path / "first.out")
+    wait_for(lambda: checkpoint_step(store_url, "kill", "base") >= 1, "base to be mid-way")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+
+    resumers = [controller_bg("resume", "kill", store=store_url, out=tmp_path / f"resume{i}.out") for i in range(2)]
+    wait_for(lambda: any(p.poll() is not None for p in resumers), "one resume to give up")
+    loser = next(i for i, p in enumerate(resumers) if p.poll() is not None)
+    winner = resumers[1 - loser]
+    assert resumers[loser].returncode == 2
+    loser_out = (tmp_path / f"resume{loser}.out").read_text()
+    assert f"is being driven by controller {socket.gethostname()}:{winner.pid}" in loser_out
+    gate.touch()  # only now may the phase go on: it was mid-way through all of the above
+    assert winner.wait(timeout=300) == 0, (tmp_path / f"resume{1 - loser}.out").read_text()
+    assert "base: following vibechat-kill-base-1, already running" in (tmp_path / f"resume{1 - loser}.out").read_text()
+
+    run = run_json(store_url, "kill")
+    assert pl.run_status(run) == "succeeded" and run.phases["base"].attempt == 1
+    assert len(trail(store_url, "kill", "base", "starts")) == 1  # adopted, not started again
+    for phase in ("base", "report"):
+        assert len(trail(store_url, "kill", phase, "completions")) == 1
+
+
+def test_a_job_that_died_with_its_controller_is_retried_and_continues_from_its_checkpoint(store_url, tmp_path):
+    gate = tmp_path / "gate"
+    config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
+    first = controller_bg("start", "--preset", "ci", "--config", config, "--run-id", "crash", store=store_url,
+                          out=tmp_path / "first.out")
+    wait_for(lambda: checkpoint_step(store_url, "crash", "base") >= 1, "base to be mid-way")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    os.killpg(job_pid(store_url, "crash", "base", 1), signal.SIGKILL)  # as if the machine had restarted
+    gate.touch()
+
+    r = controller("resume", "crash", store=store_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "ended without recording an exit status" in r.stdout
+    run = run_json(store_url, "crash")
+    assert run.phases["base"].state == "succeeded" and run.phases["base"].attempt == 2
+    starts = trail(store_url, "crash", "base", "starts")
+    assert [line.split()[1] for line in starts] == ["0", "1"]  # the second attempt went on from step 1
+    assert len(trail(store_url, "crash", "base", "completions")) == 1
+
+
+def test_stop_cancels_a_detached_run_and_its_job_and_resume_continues_it(store_url, tmp_path):
+    gate = tmp_path / "gate"
+    config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
+    r = controller("start", "--preset", "ci", "--config", config, "--run-id", "st", "--detach", store=store_url)
+    assert r.returncode == 0 and "driving run st in the background" in r.stdout
+    wait_for(lambda: checkpoint_step(store_url, "st", "base") >= 1, "base to be mid-way")
+
+    r = controller("stop", "st", store=store_url)
+    assert r.returncode == 0 and "stopping vibechat-st-base-1" in r.stdout
+    run = run_json(store_url, "st")
+    assert pl.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
+    assert not group_alive(job_pid(store_url, "st", "base", 1))
+    wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
+
+    gate.touch()
+    r = controller("resume", "st", store=store_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert [line.split()[1] for line in trail(store_url, "st", "base", "starts")] == ["0", "1"]
+
+
+def test_deleting_a_run_folder_mid_run_stops_its_job_and_the_controller_with_one_error(store_url, tmp_path):
+    gate = tmp_path / "gate"
+    config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
+    proc = controller_bg("start", "--preset", "ci", "--config", config, "--run-id", "gone", store=store_url,
+                         out=tmp_path / "out")
+    wait_for(lambda: checkpoint_step(store_url, "gone", "base") >= 1, "base to be mid-way")
+    shutil.rmtree(Path(store_url) / "runs" / "gone")
+    assert proc.wait(timeout=120) == 2
+    out = (tmp_path / "out").read_text()
+    assert "error: no run 'gone' in store" in out and "was deleted" in out and "Traceback" not in out
+    assert not group_alive(job_pid(store_url, "gone", "base", 1))
+
+
+def test_serve_drives_a_run_that_no_controller_holds(store_url, tmp_path):
+    store = open_store(store_url)
+    ctl.create_run(store, "ci", load_config("ci", fake_config(tmp_path, phases=("base",))), "local", "srv", owner=None)
+    serve = controller_bg("serve", "--backend", "local", "--interval", "0.2", store=store_url,
+                          out=tmp_path / "serve.out")
+    try:
+        wait_for(lambda: pl.run_status(run_json(store_url, "srv")) == "succeeded", "serve to finish the run")
+    finally:
+        serve.terminate()
+        serve.wait()
+    assert "srv base: succeeded" in (tmp_path / "serve.out").read_text()
+
+
+def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the local backend's job folders for S3 stores live there
+    r = controller("start", "--preset", "ci", "--config", fake_config(tmp_path, phases=("base",)), "--run-id", "s3",
+                   store=s3_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    store = open_store(s3_url)
+    assert pl.run_status(pl.from_dict(json.loads(store.get_text("runs/s3/run.json")))) == "succeeded"
+    assert "step 3/3" in store.get_text("runs/s3/logs/base-1.log")
+    assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
+
+
+# --- bad input: one clear error each, exit code 2, run.json intact ------------------------------
+
+@pytest.fixture
+def existing_run(store_url, tmp_path):
+    """A run named `r` that nothing drives yet; returns its run.json bytes."""
+    store = open_store(store_url)
+    ctl.create_run(store, "ci", load_config("ci", fake_config(tmp_path)), "local", "r", owner=None)
+    return store.get_bytes("runs/r/run.json")
+
+
+def typo_config(tmp_path) -> str:
+    path = tmp_path / "typo.yaml"
+    path.write_text("phases:\n  base:\n    argz: {depth: 4}\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["start", "--preset", "huge"], "unknown preset 'huge': choose one of ci, d20, d26, d32, tiny"),
+    (["start", "--config", "TYPO"], "unknown key 'phases.base.argz' (did you mean 'args'?); valid keys under "
+                                    "'phases.base': module, args, skip"),
+    (["start", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["start", "--store", "ftp://host/x"], "unknown scheme 'ftp'"),
+    (["start", "--run-id", "Bad_Id"], "run id 'Bad_Id' is not usable"),
+    (["start", "--run-id", "r"], "run 'r' already exists"),
+    (["start", "--backend", "kubernetes"], "--backend kubernetes needs an s3:// store"),
+    (["status", "nope"], "no run 'nope' in store"),
+    (["logs", "r", "pretrain"], "unknown phase 'pretrain': valid phases are data, tokenizer, tokenizer_eval, base"),
+    (["logs", "r", "base"], "phase base of run r has not started yet"),
+    (["resume", "r", "--from", "pretrain"], "unknown phase 'pretrain'"),
+])
+def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, existing_run, capsys):
+    argv = [typo_config(tmp_path) if a == "TYPO" else a for a in argv]
+    if "--store" not in argv:
+        argv += ["--store", store_url]
+    code, _, err = run_controller_here(argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert open_store(store_url).get_bytes("runs/r/run.json") == existing_run
+    assert ctl.list_run_ids(open_store(store_url)) == ["r"]
+
+
+def test_a_run_whose_folder_was_deleted_is_a_clear_error(store_url, existing_run, capsys):
+    shutil.rmtree(Path(store_url) / "runs" / "r")
+    for argv in (["status", "r"], ["resume", "r"], ["stop", "r"]):
+        code, _, err = run_controller_here(argv + ["--store", store_url], capsys)
+        assert code == 2 and "no run 'r' in store" in err and "was deleted" in err
+
+
+def test_a_corrupt_run_file_is_a_clear_error_and_left_as_it_is(store_url, existing_run, capsys):
+    store = open_store(store_url)
+    store.put_bytes("runs/r/run.json", existing_run[:40])
+    code, _, err = run_controller_here(["resume", "r", "--store", store_url], capsys)
+    assert code == 2 and "runs/r/run.json is not valid JSON" in err
+    assert store.get_bytes("runs/r/run.json") == existing_run[:40]
+
+
+def test_default_run_ids_are_readable_and_usable_in_job_names():
+    run_id = ctl.new_run_id(time.mktime((2025, 6, 12, 14, 30, 5, 0, 0, -1)))
+    assert run_id == "run-250612-143005"
+    ctl.check_run_id(run_id)
+
+
+def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_through(capsys):
+    console, job = ctl.Console(), PhaseJob("r", "base", 1, "jobs.base_train")
+    console.output(job, "model d4\nstep 0/100 | val bpb 3.2100\n", 0.0)
+    console.output(job, "step 10/100 | loss 4.5000 | lr 1.0 | tok/s 1,200\n", 0.0)
+    console.output(job, "step 20/100 | loss 4.0000 | tok/s 1,300\n", 60.0)
+    assert capsys.readouterr().out.splitlines() == [
+        "  base | model d4",
+        "  base | step 0/100 | val bpb 3.2100",
+        "  base | step 10/100 (10%) | loss 4.5000 | tok/s 1,200",
+        "  base | step 20/100 (20%) | loss 4.0000 | tok/s 1,300 | eta 8m00s",
+    ]
+
+
+# --- the local backend --------------------------------------------------------------------------
+
+def fake_job(store_url, run_id, **args) -> PhaseJob:
+    env = {"VIBECHAT_STORE": store_url, "VIBECHAT_RUN": run_id}
+    argv = pl.phase_argv("base", {"phase": "base", **args})
+    return PhaseJob(run_id, "base", 1, FAKE, argv, env)
+
+
+def test_a_gpu_phase_on_a_machine_without_gpus_runs_as_one_plain_process():
+    job = PhaseJob("r", "base", 1, "jobs.base_train", ["--depth=4"], gpus_per_node=8, nproc_per_node=8)
+    assert command(job) == [sys.executable, "-m", "jobs.base_train", "--depth=4"]
+
+
+def test_submitting_a_job_twice_adopts_the_first_and_runs_it_once(store_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("VIBECHAT_BASE_DIR", str(tmp_path / "elsewhere"))  # must not divert the job
+    gate = tmp_path / "gate"
+    backend = LocalBackend(str(tmp_path / "jobs"))
+    job = fake_job(store_url, "twice", gate=str(gate))
+    backend.submit(job)
+    wait_for(lambda: checkpoint_step(store_url, "twice", "base") >= 1, "the job to be mid-way")
+    assert backend.status(job).state == "running"
+    LocalBackend(str(tmp_path / "jobs")).submit(job)  # as a restarted controller would
+    gate.touch()
+    wait_for(lambda: backend.status(job).state != "running", "the job to end")
+    assert backend.status(job).state == "succeeded"
+    assert len(trail(store_url, "twice", "base", "starts")) == 1
+    assert "step 3/3" in backend.logs(job)
+
+
+def test_a_failed_job_reports_its_exit_code_and_last_line(store_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    backend = LocalBackend(str(tmp_path / "jobs"))
+    job = fake_job(store_url, "bad", fail_starts=1)
+    backend.submit(job)
+    wait_for(lambda: backend.status(job).state != "running", "the job to end")
+    status = backend.status(job)
+    assert status.state == "failed"
+    assert status.message == "exit code 2: error: fake base failing on purpose (start 1)"

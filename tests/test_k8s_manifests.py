@@ -1,0 +1,479 @@
+"""What `kubectl apply -f k8s/` installs and what the controller submits, checked against the real schemas:
+the training operator's PyTorchJob CRD (made strict, so unknown fields fail), its webhook's rules, and
+kubernetes-validate's strict schemas of the supported Kubernetes versions. Also the Dockerfile's lint and
+the in-cluster S3 server's command line, run here against a real SeaweedFS."""
+
+import functools
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import boto3
+import jsonschema
+import kubernetes_validate
+import kubernetes_validate.utils as k8s_schemas
+import pytest
+import yaml
+from botocore.exceptions import BotoCoreError, ClientError
+from referencing import Registry, Resource
+
+from jobs import controller
+from jobs import pipeline as pl
+from jobs.backends import PhaseJob
+from jobs.backends.kubernetes import KubernetesError, render_pytorchjob
+from jobs.config import load_config, preset_names
+from vibechat.storage import open_store
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S = ROOT / "k8s"
+CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+K8S_VERSIONS = ["1.35", "1.36", "1.37"]  # the minor versions upstream supports as of late 2026
+STORE = "s3://vibechat/store"
+
+GPU_PROGRAMS = ["base_train", "base_eval", "mid_train", "chat_sft", "chat_rl", "chat_eval"]
+CPU_PROGRAMS = ["data", "tok_train", "tok_eval", "report"]
+RUN_ID = "run-261125-093000"  # the shape of the controller's default run ids
+
+
+def preset_jobs(preset: str) -> list[PhaseJob]:
+    """Every phase's job of a fresh run of the preset, made by the controller itself."""
+    run = pl.new_run(RUN_ID, preset, load_config(preset), "kubernetes", now=0.0)
+    return [controller.phase_job(run, open_store(STORE), phase, attempt=1) for phase in pl.PHASES]
+
+
+def cases() -> list:
+    """Each preset's jobs as the preset sizes them (tiny on CPU, d20 on 8 GPUs a node, ...), and each
+    GPU program's job also on 2 nodes."""
+    out = []
+    for preset in preset_names():
+        for job in preset_jobs(preset):
+            out.append(pytest.param(job, id=f"{preset}-{job.phase}-1node"))
+            if job.module.removeprefix("jobs.") in GPU_PROGRAMS:
+                out.append(pytest.param(replace(job, nnodes=2), id=f"{preset}-{job.phase}-2nodes"))
+    return out
+
+
+def phase_job(program: str, nnodes: int = 1, gpus: int = 8, run_id: str = RUN_ID, **changes) -> PhaseJob:
+    """A job of one program, sized like a d20 phase (8 GPUs a node) unless it is a CPU program."""
+    gpus = 0 if program in CPU_PROGRAMS else gpus
+    return replace(PhaseJob(
+        run_id=run_id, phase=program, attempt=1, module=f"jobs.{program}", args=["--depth=20"],
+        env={"VIBECHAT_STORE": STORE, "VIBECHAT_RUN": run_id}, nnodes=nnodes, nproc_per_node=max(gpus, 1), gpus_per_node=gpus,
+    ), **changes)
+
+
+def render(job: PhaseJob) -> dict:
+    return render_pytorchjob(job, image="registry.example/vibechat:0.1.0", namespace="vibechat")
+
+
+def master_container(job: dict) -> dict:
+    return job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+
+
+# --- the schemas ---------------------------------------------------------------------------------------
+
+
+def strict(schema: dict) -> dict:
+    """The CRD's OpenAPI v3 schema as a JSON Schema that rejects every field it does not list."""
+    out = {k: v for k, v in schema.items() if not k.startswith("x-kubernetes-") and k != "description"}
+    if "properties" in schema:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        if not schema.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+    if isinstance(schema.get("additionalProperties"), dict):
+        out["additionalProperties"] = strict(schema["additionalProperties"])
+    if "items" in schema:
+        out["items"] = strict(schema["items"])
+    for key in ("anyOf", "allOf", "oneOf"):
+        if key in schema:
+            out[key] = [strict(s) for s in schema[key]]
+    return out
+
+
+@pytest.fixture(scope="module")
+def crd_validator() -> jsonschema.Draft7Validator:
+    if not CRD.exists():
+        pytest.fail(f"the PyTorchJob CRD is expected at {CRD} (shared/ beside the repository)")
+    crd = yaml.safe_load(CRD.read_text())
+    schema = strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(validator: jsonschema.Draft7Validator, doc: dict) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def webhook_errors(job: dict) -> list[str]:
+    """The training operator's admission webhook rules for a PyTorchJob (pkg/webhooks/pytorch)."""
+    errors = []
+    name = job["metadata"]["name"]
+    if not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) or len(name) > 63:
+        errors.append(f"name {name!r} is not a DNS-1035 label")
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    for kind, spec in replicas.items():
+        if kind not in ("Master", "Worker"):
+            errors.append(f"replica type {kind} is not Master or Worker")
+        containers = spec["template"]["spec"].get("containers") or []
+        if not containers:
+            errors.append(f"{kind} has no containers")
+        if any(not c.get("image") for c in containers):
+            errors.append(f"{kind} has a container without an image")
+        if not any(c["name"] == "pytorch" for c in containers):
+            errors.append(f"{kind} has no container named pytorch")
+    if replicas.get("Master", {}).get("replicas") != 1:
+        errors.append("Master replicas must be 1")
+    if job["spec"].get("elasticPolicy", {}).get("nProcPerNode") is not None and "nprocPerNode" in job["spec"]:
+        errors.append("elasticPolicy.nProcPerNode must not be used with nprocPerNode")
+    # the operator names a pod and a Service <name>-<type>-<index>; a Service name is a DNS-1035 label too
+    for kind, spec in replicas.items():
+        longest = f"{name}-{kind.lower()}-{spec['replicas'] - 1}"
+        if len(longest) > 63:
+            errors.append(f"{longest!r} is longer than 63 characters")
+    return errors
+
+
+@functools.cache
+def k8s_validator(version: str, kind: str, api_version: str) -> jsonschema.Draft202012Validator:
+    """kubernetes-validate's strict schema of one kind, built once (its validate() reloads every schema per call)."""
+    folder = f"kubernetes-json-schema/v{version}.0-local-strict"
+    group_version = re.sub(r"^([^./]*)(?:\.[^/]*)?/", r"\1-", api_version)  # rbac.authorization.k8s.io/v1 -> rbac-v1
+    schema = k8s_schemas.schema_contents(f"{folder}/{kind.lower()}-{group_version}.json", version)
+    definitions = k8s_schemas.schema_contents(f"{folder}/_definitions.json", version)
+    registry = Resource.from_contents(definitions) @ (Resource.from_contents(schema) @ Registry())
+    return jsonschema.Draft202012Validator(schema, registry=registry)
+
+
+def k8s_errors(doc: dict, version: str) -> list[str]:
+    validator = k8s_validator(version, doc["kind"], doc["apiVersion"])
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_cached_validator_agrees_with_kubernetes_validate():
+    deployment = find("Deployment", "vibechat-controller")
+    assert kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True) and k8s_errors(deployment, K8S_VERSIONS[-1]) == []
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
+    assert k8s_errors(deployment, K8S_VERSIONS[-1]) != []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def core_manifests() -> list:
+    docs = []
+    for path in sorted(K8S.glob("*.yaml")) + [K8S / "s3-secret.yaml.example"]:
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs.append(pytest.param(doc, id=f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"))
+    return docs
+
+
+def all_core_objects() -> list[dict]:
+    return [p.values[0] for p in core_manifests()]
+
+
+def find(kind: str, name: str) -> dict:
+    return next(d for d in all_core_objects() if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+# --- rendered PyTorchJobs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("job", cases())
+def test_rendered_job_validates_against_the_strict_crd_schema(crd_validator, job):
+    assert schema_errors(crd_validator, render(job)) == []
+
+
+@pytest.mark.parametrize("job", cases())
+def test_rendered_job_passes_the_operator_webhook_rules(job):
+    assert webhook_errors(render(job)) == []
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("job", cases())
+def test_rendered_pod_templates_validate_against_kubernetes_strict_schemas(job, version):
+    for kind, spec in render(job)["spec"]["pytorchReplicaSpecs"].items():
+        wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": kind.lower()}, "template": spec["template"]}
+        assert k8s_errors(wrapper, version) == [], kind
+
+
+def test_strict_crd_schema_rejects_a_misspelled_field(crd_validator):
+    job = render(phase_job("base_train"))
+    master_container(job)["resource"] = {}
+    assert any("resource" in e for e in schema_errors(crd_validator, job))
+
+
+def test_webhook_rules_reject_two_masters():
+    job = render(phase_job("base_train"))
+    job["spec"]["pytorchReplicaSpecs"]["Master"]["replicas"] = 2
+    assert webhook_errors(job) == ["Master replicas must be 1"]
+
+
+def test_every_phase_program_has_a_template():
+    programs = {module.removeprefix("jobs.") for module, _ in pl.PHASE_PROGRAMS.values()}
+    assert programs == {p.stem for p in (K8S / "phases").glob("*.yaml")} == set(GPU_PROGRAMS + CPU_PROGRAMS)
+
+
+def test_job_and_its_pods_carry_the_run_and_phase_labels():
+    job = render(phase_job("chat_sft", nnodes=2, phase="sft"))
+    expected = {"vibechat.run": RUN_ID, "vibechat.phase": "sft"}
+    assert expected.items() <= job["metadata"]["labels"].items()
+    for spec in job["spec"]["pytorchReplicaSpecs"].values():
+        assert expected.items() <= spec["template"]["metadata"]["labels"].items()
+
+
+def test_two_node_job_has_one_master_and_one_worker_of_eight_gpus_each():
+    job = render(phase_job("base_train", nnodes=2))
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert {k: v["replicas"] for k, v in replicas.items()} == {"Master": 1, "Worker": 1}
+    assert job["spec"]["nprocPerNode"] == "8"
+    for spec in replicas.values():
+        resources = spec["template"]["spec"]["containers"][0]["resources"]
+        assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == 8
+
+
+def test_one_node_job_has_no_worker_replicas():
+    assert list(render(phase_job("base_train", nnodes=1))["spec"]["pytorchReplicaSpecs"]) == ["Master"]
+
+
+@pytest.mark.parametrize("program", CPU_PROGRAMS + ["base_train"])
+def test_job_without_gpus_requests_none(program):
+    resources = master_container(render(phase_job(program, gpus=0)))["resources"]
+    assert "nvidia.com/gpu" not in resources["requests"] and "nvidia.com/gpu" not in resources["limits"]
+
+
+def test_job_restarts_failed_containers_a_bounded_number_of_times():
+    job = render(phase_job("base_train", nnodes=2))
+    assert {s["restartPolicy"] for s in job["spec"]["pytorchReplicaSpecs"].values()} == {"OnFailure"}
+    # the operator counts container restarts against backoffLimit only for OnFailure/Always
+    assert job["spec"]["runPolicy"]["backoffLimit"] == 2
+    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] > 0
+
+
+def test_trainer_runs_under_torchrun_from_the_operator_variables():
+    container = master_container(render(phase_job("mid_train")))
+    assert container["command"] == [
+        "torchrun", "--nnodes=$(PET_NNODES)", "--node-rank=$(PET_NODE_RANK)", "--nproc-per-node=$(PET_NPROC_PER_NODE)",
+        "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)", "-m", "jobs.mid_train",
+    ]
+    assert container["args"] == ["--depth=20"]
+
+
+def test_trainer_gets_the_store_the_run_and_the_s3_settings():
+    container = master_container(render(phase_job("chat_rl")))
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["VIBECHAT_STORE"] == STORE and env["VIBECHAT_RUN"] == RUN_ID
+    assert {"secretRef": {"name": "vibechat-s3", "optional": True}} in container["envFrom"]
+    assert {"configMapRef": {"name": "vibechat-config", "optional": True}} in container["envFrom"]
+
+
+def test_gpu_pods_get_a_memory_backed_dev_shm():
+    pod = render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+
+
+def test_phase_env_overrides_the_template_env():
+    job = phase_job("base_train", env={"VIBECHAT_STORE": STORE, "VIBECHAT_RUN": RUN_ID, "VIBECHAT_METRICS_PORT": "9500"})
+    assert [e["value"] for e in master_container(render(job))["env"] if e["name"] == "VIBECHAT_METRICS_PORT"] == ["9500"]
+
+
+# --- bad input to the renderer -------------------------------------------------------------------------
+
+
+def test_too_long_run_id_is_refused_naming_the_longest_that_fits():
+    with pytest.raises(KubernetesError, match=r"longer than Kubernetes' 63 characters: use a run id of at most 32 characters"):
+        render(phase_job("base_train", nnodes=2, run_id="r" * 50))
+    render(phase_job("base_train", nnodes=2, run_id="r" * 32))
+
+
+def test_run_id_that_is_no_dns_label_is_refused():
+    with pytest.raises(KubernetesError, match="not a DNS-1035 label"):
+        render(phase_job("base_train", run_id="my.run"))
+
+
+def test_local_store_is_refused_for_pods():
+    job = phase_job("base_train", env={"VIBECHAT_STORE": "/home/me/.cache/vibechat", "VIBECHAT_RUN": RUN_ID})
+    with pytest.raises(KubernetesError, match="needs an s3:// VIBECHAT_STORE"):
+        render(job)
+
+
+def test_program_without_template_is_refused():
+    with pytest.raises(KubernetesError, match=r"no PyTorchJob template for jobs.chat_web: expected .*chat_web.yaml"):
+        render(phase_job("base_train", module="jobs.chat_web"))
+
+
+def test_cpu_template_refuses_two_nodes():
+    with pytest.raises(KubernetesError, match="no Worker replicas"):
+        render(phase_job("tok_train", nnodes=2))
+
+
+def test_cpu_template_refuses_gpus():
+    with pytest.raises(KubernetesError, match="requests no nvidia.com/gpu but .* asks for 8 per node"):
+        render(phase_job("report", gpus_per_node=8))
+
+
+def test_unknown_placeholder_in_a_template_is_named(tmp_path):
+    text = (K8S / "phases" / "report.yaml").read_text().replace("${IMAGE}", "${IMAGE_REF}")
+    (tmp_path / "report.yaml").write_text(text)
+    with pytest.raises(KubernetesError, match=r"unknown placeholder \$\{IMAGE_REF\}"):
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", templates_dir=tmp_path)
+
+
+# --- kubectl apply -f k8s/ -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("doc", core_manifests())
+def test_core_manifest_validates_against_kubernetes_strict_schema(doc, version):
+    assert k8s_errors(doc, version) == []
+
+
+def test_kubernetes_strict_schema_rejects_a_misspelled_field():
+    deployment = find("Deployment", "vibechat-controller")
+    deployment["spec"]["template"]["spec"]["containers"][0]["envfrom"] = []
+    assert k8s_errors(deployment, K8S_VERSIONS[-1]) != []
+
+
+def test_namespace_is_applied_first_and_holds_everything_else():
+    files = sorted(p.name for p in K8S.glob("*.yaml"))
+    assert files[0] == "00-namespace.yaml"
+    namespaced = [d for d in all_core_objects() if d["kind"] != "Namespace"]
+    assert {d["metadata"]["namespace"] for d in namespaced} == {"vibechat"}
+
+
+def test_controller_role_grants_only_jobs_pods_logs_and_its_lease():
+    rules = find("Role", "vibechat-controller")["rules"]
+    granted = {
+        (group, resource, verb, tuple(rule.get("resourceNames", [])))
+        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
+    }
+    assert granted == {
+        *(("kubeflow.org", "pytorchjobs", v, ()) for v in ("create", "get", "list", "watch", "delete")),
+        *(("", r, v, ()) for r in ("pods", "pods/log") for v in ("get", "list", "watch")),
+        ("coordination.k8s.io", "leases", "create", ()),
+        *(("coordination.k8s.io", "leases", v, ("vibechat-controller",)) for v in ("get", "patch")),
+    }
+
+
+def test_controller_serves_with_leader_election_as_the_bound_service_account():
+    deployment = find("Deployment", "vibechat-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == find("RoleBinding", "vibechat-controller")["subjects"][0]["name"]
+    assert pod["containers"][0]["command"] == ["python", "-m", "jobs.controller", "serve", "--leader-elect"]
+    assert deployment["spec"]["replicas"] == 2
+    namespace_env = next(e for e in pod["containers"][0]["env"] if e["name"] == "POD_NAMESPACE")
+    assert namespace_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_run_config_in_the_cluster_is_a_valid_overlay_naming_the_deployed_image(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(find("ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    config = load_config(preset_names()[0], str(tmp_path / "cluster.yaml"))
+    images = {c["image"] for name in ("vibechat-controller", "vibechat-dashboard")
+              for c in find("Deployment", name)["spec"]["template"]["spec"]["containers"]}
+    assert images == {config["kubernetes"]["image"]}
+    assert config["kubernetes"]["namespace"] == find("Role", "vibechat-controller")["metadata"]["namespace"]
+
+
+def test_dashboard_serves_streamlit_on_8501():
+    container = find("Deployment", "vibechat-dashboard")["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"][:3] == ["streamlit", "run", "dashboard/app.py"]
+    assert find("Service", "vibechat-dashboard")["spec"]["ports"][0]["port"] == 8501
+
+
+def test_only_the_controller_gets_an_api_token():
+    pods = {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")}
+    pods["phase"] = render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    assert {name for name, pod in pods.items() if pod.get("automountServiceAccountToken", True)} == {"vibechat-controller"}
+
+
+def test_secret_template_is_not_applied_and_holds_only_placeholders():
+    # kubectl apply -f <dir> reads only .yaml, .yml and .json files
+    assert not [p for p in K8S.iterdir() if "secret" in p.name and p.suffix in (".yaml", ".yml", ".json")]
+    assert set(find("Secret", "vibechat-s3")["stringData"].values()) == {"REPLACE-ME"}
+
+
+def test_in_cluster_store_url_and_endpoint_match_the_s3_service():
+    data = find("ConfigMap", "vibechat-config")["data"]
+    service = find("Service", "vibechat-s3")
+    assert data["AWS_ENDPOINT_URL"] == f"http://vibechat-s3.vibechat.svc:{service['spec']['ports'][0]['port']}"
+    args = find("StatefulSet", "vibechat-s3")["spec"]["template"]["spec"]["containers"][0]["args"]
+    bucket = next(a for a in args if a.startswith("-bucket=")).removeprefix("-bucket=")
+    assert data["VIBECHAT_STORE"].startswith(f"s3://{bucket}/")
+
+
+def test_scraped_pods_expose_the_port_they_announce():
+    pods = [d["spec"]["template"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")]
+    pods.append(render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
+    scraped = [p for p in pods if p["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"]
+    assert len(scraped) == 2  # the S3 server and the training master (global rank 0)
+    for pod in scraped:
+        ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
+        assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports
+
+
+def test_in_cluster_seaweedfs_command_serves_the_bucket_only_with_the_secret_keys(tmp_path):
+    """Run the StatefulSet's exact `weed` arguments here (ports moved to free ones on loopback)."""
+    container = find("StatefulSet", "vibechat-s3")["spec"]["template"]["spec"]["containers"][0]
+    weed = shutil.which("weed") or os.path.join(os.path.dirname(sys.executable), "weed")
+    s3_port = free_port()
+    local = [
+        f"-dir={tmp_path}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}", f"-metricsPort={free_port()}",
+        f"-master.port={free_port()}", f"-volume.port={free_port()}", f"-filer.port={free_port()}",
+    ]
+    keys = {"AWS_ACCESS_KEY_ID": "in-cluster-key", "AWS_SECRET_ACCESS_KEY": "in-cluster-secret"}
+    assert [e["valueFrom"]["secretKeyRef"]["key"] for e in container["env"]] == list(keys)
+    # Go's flag package keeps the last value of a repeated flag, so the local ones win
+    proc = subprocess.Popen(
+        [weed, *container["args"], *local], env={**os.environ, **keys},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        good = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                            aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+        for _ in range(120):  # up to a minute for the master, volume, filer and gateway to come up
+            try:
+                good.put_object(Bucket="vibechat", Key="store/probe", Body=b"1")
+                break
+            except (BotoCoreError, ClientError):
+                time.sleep(0.5)
+        assert good.get_object(Bucket="vibechat", Key="store/probe")["Body"].read() == b"1"
+        wrong = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                             aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key="wrong")
+        with pytest.raises(ClientError):
+            wrong.get_object(Bucket="vibechat", Key="store/probe")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+# --- the image ----------------------------------------------------------------------------------------
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = shutil.which("hadolint") or os.path.join(os.path.dirname(sys.executable), "hadolint")
+    result = subprocess.run([hadolint, "--format", "json", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert json.loads(result.stdout or "[]") == [] and result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerignore_keeps_the_venv_git_and_caches_out_of_the_build_context():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "**/__pycache__"} <= set(ignored)
+
+
+def test_image_dependencies_are_pinned():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.lock").read_text().splitlines()]
+    pins = [line for line in lines if line]
+    assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s;]*", p) for p in pins), pins
