@@ -8,6 +8,7 @@ The first --warmup steps (compilation) are not timed; the median step time is re
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -15,7 +16,7 @@ import time
 import torch
 
 from jobs.base_train import peak_flops, train_step
-from vibechat.common import autocast_dtype, compute_init
+from vibechat.common import autocast_dtype, compute_init, run_main
 from vibechat.gpt import GPT, config_for_depth
 
 
@@ -45,6 +46,17 @@ def main(argv=None) -> None:
     model.init_weights()
     optimizers = model.setup_optimizers()
     train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
+    attention = contextlib.nullcontext()
+    if args.sdpa == "cudnn":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        attention = sdpa_kernel(order, set_priority=True)
+    with attention:
+        run_benchmark(args, model, train_model, optimizers, world_size, device, dtype)
+
+
+def run_benchmark(args, model, train_model, optimizers, world_size: int, device, dtype) -> None:
     micro_tokens = args.device_batch_size * args.max_seq_len
     total = args.total_batch_size if args.total_batch_size > 0 else micro_tokens * world_size
     grad_accum = total // (micro_tokens * world_size)
@@ -57,11 +69,6 @@ def main(argv=None) -> None:
     def autocast_ctx():
         return torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    if args.sdpa == "cudnn":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        sdpa_kernel(order, set_priority=True).__enter__()  # for the whole process
     batches = random_batches()
     times = []
     for i in range(args.warmup + args.steps):
@@ -107,4 +114,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

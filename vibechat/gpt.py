@@ -8,7 +8,7 @@
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -237,6 +237,3 @@ class GPT(nn.Module):
                 next_id = torch.argmax(logits, dim=-1, keepdim=True)
             ids = torch.cat((ids, next_id), dim=1)
             yield next_id.item()
-
-    def config_dict(self) -> dict:
-        return asdict(self.config)
