@@ -188,13 +188,3 @@ def test_store_under_an_unwritable_path_says_to_pick_another():
     with pytest.raises(StoreError, match="writable"):
         open_store("/proc/vibechat-store").put_text("a", "1")
 
-
-def test_metrics_on_s3_are_batched_and_flushed(s3_url):
-    from vibechat.metrics import MetricsLogger, read_metrics
-
-    logger = MetricsLogger("base", base_dir=s3_url)
-    for step in range(3):
-        logger.log(step=step, loss=1.0)
-    logger.flush()
-    records, bad = read_metrics(open_store(s3_url), "metrics/base.jsonl")
-    assert [r["step"] for r in records] == [0, 1, 2] and bad == 0

@@ -1,15 +1,12 @@
 """Training metrics: rank 0 appends one JSON object per logged step to <base>/metrics/<phase>.jsonl
 and, when VIBECHAT_METRICS_PORT is set, serves the latest values for Prometheus."""
 
-import atexit
 import json
 import os
 import time
 
 from vibechat.common import get_base_dir, get_dist_info
-from vibechat.storage import LocalStore, open_store
-
-S3_FLUSH_SECONDS = 10.0  # S3 has no append: each flush rewrites the file, so batch the lines of a few seconds
+from vibechat.storage import open_store
 
 _GAUGES = {}  # name -> Gauge, per process: prometheus refuses a second gauge of the same name
 
@@ -23,10 +20,6 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.store = open_store(base_dir or get_base_dir())
         self.key = f"metrics/{phase}.jsonl"
-        self.flush_seconds = 0.0 if isinstance(self.store, LocalStore) else S3_FLUSH_SECONDS
-        self._pending: list[str] = []
-        self._last_flush = time.time()
-        atexit.register(self.flush)
         port = os.environ.get("VIBECHAT_METRICS_PORT")
         if self.enabled and port:
             from prometheus_client import start_http_server
@@ -37,17 +30,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": time.time(), "phase": self.phase, **values}
-        self._pending.append(json.dumps(record) + "\n")
-        if time.time() - self._last_flush >= self.flush_seconds:
-            self.flush()
+        self.store.append_text(self.key, json.dumps(record) + "\n")
         self._export(values)
-
-    def flush(self) -> None:
-        """Append the lines logged since the last flush (at the latest when the process exits)."""
-        if self._pending:
-            self.store.append_text(self.key, "".join(self._pending))
-            self._pending = []
-        self._last_flush = time.time()
 
     def _export(self, values: dict) -> None:
         from prometheus_client import Gauge
