@@ -34,7 +34,7 @@ def main(argv=None) -> None:
     p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
                    help="attention kernel order: PyTorch's default, or cuDNN attention first")
     p.add_argument("--out", default=None, help="write the result as JSON here")
-    p.add_argument("--profile", default=None, help="after timing, profile 2 steps and write the top ops table here")
+    p.add_argument("--profile", default=None, help="after timing, write here where the time goes: forward+backward vs optimizer, kernels by kind")
     args = p.parse_args(argv)
 
     _, _, _, world_size, device = compute_init(args.device)
@@ -102,16 +102,72 @@ def run_benchmark(args, model, train_model, optimizers, world_size: int, device,
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
+        profile_split(args.profile, train_model, optimizers, batches, autocast_ctx, grad_accum, device)
 
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            for _ in range(2):
-                train_step(train_model, optimizers, batches, grad_accum, autocast_ctx).item()
-        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-        with open(args.profile, "w") as f:
-            f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60))
 
+# kernel name fragments -> where the time goes; checked in order, the first match wins
+KERNEL_KINDS = [("attention", ("flash", "fmha", "cudnn", "attention")),
+                ("matmul", ("gemm", "sm90_xmma", "nvjet", "cutlass", "cublas")),
+                ("fused elementwise (triton: norms, rotary, relu^2, softcap + loss)", ("triton",))]
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, fragments in KERNEL_KINDS if any(f in lowered for f in fragments)), "other")
+
+
+def profile_split(path: str, train_model, optimizers, batches, autocast_ctx, grad_accum: int, device) -> None:
+    """Where one optimizer step's time goes: micro-batch forward+backward vs optimizer step (synchronized wall
+    times), and the forward+backward's device time by kernel kind (profiler). Written to `path`, also printed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from jobs.phase import step_optimizers
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def forward_backward():
+        x, y = next(batches)
+        with autocast_ctx():
+            loss = train_model(x, y)
+        (loss / grad_accum).backward()
+
+    fb_times, opt_times = [], []
+    for _ in range(3):
+        sync()
+        t0 = time.perf_counter()
+        forward_backward()
+        sync()
+        t1 = time.perf_counter()
+        step_optimizers(optimizers)
+        sync()
+        fb_times.append(t1 - t0)
+        opt_times.append(time.perf_counter() - t1)
+    fb, opt = statistics.median(fb_times), statistics.median(opt_times)
+    step = grad_accum * fb + opt
+    lines = [f"one optimizer step = {grad_accum} x forward+backward ({fb * 1000:.1f} ms) + optimizer step "
+             f"({opt * 1000:.1f} ms): {100 * grad_accum * fb / step:.1f}% / {100 * opt / step:.1f}%"]
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        forward_backward()
+        sync()
+    by_kind: dict[str, float] = {}  # GPU kernels only: on the CPU there is no kernel to sort
+    for event in prof.key_averages():
+        if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:
+            kind = kernel_kind(event.key)
+            by_kind[kind] = by_kind.get(kind, 0.0) + event.self_device_time_total
+    busy = sum(by_kind.values())
+    lines.append(f"forward+backward device time by kernel kind (busy {busy / 1000:.1f} ms of {fb * 1000:.1f} ms wall):")
+    for kind, us in sorted(by_kind.items(), key=lambda item: -item[1]):
+        lines.append(f"  {kind:<70} {us / 1000:9.1f} ms  {100 * us / busy:5.1f}%")
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    lines.append(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=80))
+    text = "\n".join(lines)
+    print(text)
+    with open(path, "w") as f:
+        f.write(text + "\n")
 
 if __name__ == "__main__":
     run_main(main)

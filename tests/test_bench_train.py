@@ -11,3 +11,20 @@ def test_bench_train_reports_throughput_on_cpu(tmp_path):
           "--compile=off", "--device=cpu", f"--out={out}"])
     result = json.loads(out.read_text())
     assert result["tok_per_sec"] > 0 and result["mfu"] is None and result["tokens_per_step"] == 64
+
+
+def test_bench_train_profile_splits_step_into_forward_backward_and_optimizer(tmp_path):
+    out = tmp_path / "profile.txt"
+    main(["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--vocab-size=256", "--steps=1", "--warmup=0",
+          "--compile=off", "--device=cpu", "--total-batch-size=128", f"--profile={out}"])
+    text = out.read_text()
+    assert "2 x forward+backward" in text and "optimizer step" in text
+
+
+def test_kernel_kind_sorts_h100_kernel_names():
+    from jobs.bench_train import kernel_kind
+
+    assert kernel_kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
+    assert kernel_kind("triton_per_fused__to_copy_mul_rsqrt_0").startswith("fused elementwise")
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"

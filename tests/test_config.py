@@ -17,11 +17,11 @@ def user_config(tmp_path, text: str) -> str:
 
 # --- the presets --------------------------------------------------------------------------------
 
-def test_the_presets_are_ci_tiny_and_the_three_gpu_sizes():
-    assert preset_names() == ["ci", "d20", "d26", "d32", "tiny"]
+def test_the_presets_are_ci_tiny_one_gpu_d12_and_the_three_8_gpu_sizes():
+    assert preset_names() == ["ci", "d12", "d20", "d26", "d32", "tiny"]
 
 
-@pytest.mark.parametrize("preset", ["ci", "tiny", "d20", "d26", "d32"])
+@pytest.mark.parametrize("preset", ["ci", "tiny", "d12", "d20", "d26", "d32"])
 def test_every_preset_is_complete_for_every_phase(preset):
     config = load_config(preset)
     assert set(config["phases"]) == set(PHASES)
@@ -32,12 +32,12 @@ def test_every_preset_is_complete_for_every_phase(preset):
 
 def test_presets_grow_from_ci_to_d32():
     depth = {p: load_config(p)["phases"]["base"]["args"]["depth"] for p in preset_names()}
-    assert depth["ci"] < depth["tiny"] < depth["d20"] < depth["d26"] < depth["d32"]
+    assert depth["ci"] < depth["tiny"] < depth["d12"] < depth["d20"] < depth["d26"] < depth["d32"]
     ci, tiny = (load_config(p)["phases"]["base"]["args"] for p in ("ci", "tiny"))
     assert ci["num_iterations"] < tiny["num_iterations"] and ci["total_batch_size"] < tiny["total_batch_size"]
 
 
-@pytest.mark.parametrize("preset", ["ci", "tiny"])
+@pytest.mark.parametrize("preset", ["ci", "tiny", "d12"])
 def test_the_small_presets_need_no_network(preset):
     config = load_config(preset)
     assert config["dataset"] == "pydocs"
@@ -54,6 +54,13 @@ def test_the_gpu_presets_pretrain_on_fineweb_with_8_gpus_per_training_phase(pres
         assert config["phases"][name]["gpus_per_node"] == config["phases"][name]["nproc_per_node"] == 8
     for name in ("data", "tokenizer", "tokenizer_eval", "report"):
         assert config["phases"][name]["gpus_per_node"] == 0
+
+
+def test_the_d12_preset_runs_every_gpu_phase_on_one_gpu():
+    config = load_config("d12")
+    for name, phase in config["phases"].items():
+        on_gpu = name not in ("data", "tokenizer", "tokenizer_eval", "report")
+        assert (phase["gpus_per_node"], phase["nproc_per_node"]) == ((1 if on_gpu else 0), 1)
 
 
 # --- merging a user config ----------------------------------------------------------------------
@@ -123,7 +130,7 @@ def test_a_wrong_value_is_named_with_what_it_should_be(tmp_path, text, message):
 
 
 def test_an_unknown_preset_lists_the_presets():
-    with pytest.raises(ConfigError, match="unknown preset 'd40': choose one of ci, d20, d26, d32, tiny"):
+    with pytest.raises(ConfigError, match="unknown preset 'd40': choose one of ci, d12, d20, d26, d32, tiny"):
         load_config("d40")
 
 

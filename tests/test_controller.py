@@ -297,7 +297,7 @@ def typo_config(tmp_path) -> str:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["start", "--preset", "huge"], "unknown preset 'huge': choose one of ci, d20, d26, d32, tiny"),
+    (["start", "--preset", "huge"], "unknown preset 'huge': choose one of ci, d12, d20, d26, d32, tiny"),
     (["start", "--config", "TYPO"], "unknown key 'phases.base.argz' (did you mean 'args'?); valid keys under "
                                     "'phases.base': module, args, skip"),
     (["start", "--config", "missing.yaml"], "config file missing.yaml does not exist"),

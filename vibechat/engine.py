@@ -134,7 +134,7 @@ class _Decoder:
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         step_cache = _StepCache(self.cache, self.pos)
         if cuda_graph:
-            compiled = torch.compile(_decode_step)
+            compiled = torch.compile(_decode_step, dynamic=False)  # one static graph per batch size and cache length
             self.step = _cuda_graph(lambda: compiled(model, self.tokens, step_cache))
         else:
             self.step = lambda: _decode_step(model, self.tokens, step_cache)

@@ -5,6 +5,7 @@
 - relu^2 MLP, untied token embedding and lm_head
 - grouped-query attention through n_kv_head, flash attention via PyTorch SDPA
 - logits soft-capped at 15, computed in fp32
+- under autocast the residual stream is kept in the autocast dtype (bf16 on GPUs)
 """
 
 import math
@@ -206,7 +207,12 @@ class GPT(nn.Module):
         else:
             positions = T0 + torch.arange(T, device=idx.device)
             cos_sin = self.cos[:, :, positions], self.sin[:, :, positions]
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        if torch.is_autocast_enabled(x.device.type):
+            # the residual stream in the autocast dtype, as the matmuls produce it: half the bytes of every
+            # norm, add and saved activation (the embedding table itself stays fp32 for AdamW)
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
