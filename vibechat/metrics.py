@@ -1,5 +1,9 @@
 """Training metrics: rank 0 appends one JSON object per logged step to <base>/metrics/<phase>.jsonl
-and, when VIBECHAT_METRICS_PORT is set, serves the latest values for Prometheus."""
+and, when VIBECHAT_METRICS_PORT is set, serves the latest values for Prometheus.
+
+A metrics file is stored as segments of at most SEGMENT_BYTES: <phase>.jsonl, then <phase>.jsonl.000001, ...
+S3 has no append, so each logged line rewrites its object; segments keep that rewrite small however long the
+run, while every line is readable as soon as log() returns. read_metrics joins the segments."""
 
 import json
 import os
@@ -9,6 +13,14 @@ from vibechat.common import get_base_dir, get_dist_info
 from vibechat.storage import open_store
 
 _GAUGES = {}  # name -> Gauge, per process: prometheus refuses a second gauge of the same name
+SEGMENT_BYTES = 256 * 1024
+
+
+def segment_keys(store, key: str) -> list[str]:
+    """The objects of a metrics file in order: key, then key.000001, key.000002, ..."""
+    folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
+    numbered = [k for k in store.list(folder) if k.startswith(key + ".") and k[len(key) + 1:].isdigit()]
+    return ([key] if store.exists(key) else []) + sorted(numbered, key=lambda k: int(k[len(key) + 1:]))
 
 
 class MetricsLogger:
@@ -20,6 +32,7 @@ class MetricsLogger:
         self.enabled = rank == 0
         self.store = open_store(base_dir or get_base_dir())
         self.key = f"metrics/{phase}.jsonl"
+        self._segment: tuple[str, int] | None = None  # (key, bytes) of the segment lines go to; found at the first log
         port = os.environ.get("VIBECHAT_METRICS_PORT")
         if self.enabled and port:
             from prometheus_client import start_http_server
@@ -30,8 +43,19 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"time": time.time(), "phase": self.phase, **values}
-        self.store.append_text(self.key, json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        key, size = self._segment or self._last_segment()
+        if size and size + len(line) > SEGMENT_BYTES:
+            number = 0 if key == self.key else int(key[len(self.key) + 1:])
+            key, size = f"{self.key}.{number + 1:06d}", 0
+        self.store.append_text(key, line)
+        self._segment = key, size + len(line)
         self._export(values)
+
+    def _last_segment(self) -> tuple[str, int]:
+        """Where a resumed phase goes on appending: the last segment written before, or a new file."""
+        keys = segment_keys(self.store, self.key)
+        return (keys[-1], len(self.store.get_bytes(keys[-1]))) if keys else (self.key, 0)
 
     def _export(self, values: dict) -> None:
         from prometheus_client import Gauge
@@ -45,11 +69,8 @@ class MetricsLogger:
 
 
 def read_metrics(store, key: str) -> tuple[list[dict], int]:
-    """All records of a metrics file and the number of corrupt lines skipped."""
-    try:
-        text = store.get_text(key)
-    except FileNotFoundError:
-        return [], 0
+    """All records of a metrics file (every segment, in order) and the number of corrupt lines skipped."""
+    text = "".join(store.get_text(k) for k in segment_keys(store, key))
     records, bad = [], 0
     for line in text.splitlines():
         if not line.strip():

@@ -1,0 +1,49 @@
+"""Metrics files: one JSON line per log, readable at once, kept in bounded segments (an S3 append rewrites one)."""
+
+import pytest
+
+from vibechat import metrics
+from vibechat.metrics import MetricsLogger, read_metrics, segment_keys
+from vibechat.storage import open_store
+
+
+@pytest.fixture(params=["local", "s3"])
+def url(request, store_url):
+    return request.getfixturevalue("s3_url") if request.param == "s3" else store_url
+
+
+def test_a_logged_line_is_readable_as_soon_as_log_returns(url):
+    logger = MetricsLogger("base", base_dir=url)
+    logger.log(step=1, loss=2.5)
+    records, bad = read_metrics(open_store(url), "metrics/base.jsonl")
+    assert [(r["step"], r["loss"], r["phase"]) for r in records] == [(1, 2.5, "base")] and bad == 0
+
+
+def test_a_long_run_rolls_over_into_bounded_segments_read_back_in_order(url, monkeypatch):
+    monkeypatch.setattr(metrics, "SEGMENT_BYTES", 300)
+    logger = MetricsLogger("base", base_dir=url)
+    for step in range(12):
+        logger.log(step=step, loss=1.0)
+    store = open_store(url)
+    keys = segment_keys(store, "metrics/base.jsonl")
+    assert keys[:3] == ["metrics/base.jsonl", "metrics/base.jsonl.000001", "metrics/base.jsonl.000002"]
+    assert all(len(store.get_bytes(k)) <= 300 for k in keys)
+    assert [r["step"] for r in read_metrics(store, "metrics/base.jsonl")[0]] == list(range(12))
+
+
+def test_a_resumed_phase_appends_after_the_last_segment(store_url, monkeypatch):
+    monkeypatch.setattr(metrics, "SEGMENT_BYTES", 300)
+    first = MetricsLogger("base", base_dir=store_url)
+    for step in range(7):
+        first.log(step=step)
+    resumed = MetricsLogger("base", base_dir=store_url)  # a restarted process knows nothing of the first
+    for step in range(7, 10):
+        resumed.log(step=step)
+    assert [r["step"] for r in read_metrics(open_store(store_url), "metrics/base.jsonl")[0]] == list(range(10))
+
+
+def test_other_phases_files_are_not_taken_for_segments(store_url):
+    MetricsLogger("base", base_dir=store_url).log(step=1)
+    MetricsLogger("base_eval", base_dir=store_url).log(task="x", score=0.5)
+    assert segment_keys(open_store(store_url), "metrics/base.jsonl") == ["metrics/base.jsonl"]
+    assert read_metrics(open_store(store_url), "metrics/missing.jsonl") == ([], 0)
