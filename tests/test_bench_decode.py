@@ -1,0 +1,18 @@
+"""The decode benchmark runs its checks and times every method (the GPU figures in docs/benchmarks.md come from it)."""
+
+import json
+import sys
+
+from jobs.bench_decode import main
+
+
+def test_bench_decode_checks_then_times_each_method_on_cpu(tmp_path, monkeypatch):
+    out = tmp_path / "decode.json"
+    monkeypatch.setattr(sys, "argv", ["bench_decode", "--depth=1", "--device=cpu", "--vocab-size=256",
+                                      "--sequence-len=64", "--prompt-tokens=8", "--new-tokens=4", "--check-tokens=4",
+                                      "--batch-sizes", "1", "2", "--runs=1", f"--out={out}"])
+    main()
+    result = json.loads(out.read_text())
+    methods = [(r["method"], r["batch_size"]) for r in result["results"]]
+    assert methods == [("GPT.generate, full recompute", 1), ("Engine, eager", 1), ("Engine, eager", 2)]
+    assert all(r["tokens_per_s"] > 0 for r in result["results"]) and result["argmax_shortfall"] < 1e-4
