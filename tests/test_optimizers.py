@@ -43,10 +43,10 @@ def _train(model, optimizers, batches, rows=slice(None)):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _dist_worker(rank, world, port, out_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _dist_worker(rank, world, rendezvous, out_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    # a file rendezvous: no port to race for on a busy machine
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     model = tiny_model(seed=0)
     optimizers = model.setup_optimizers()
     assert [type(o).__name__ for o in optimizers] == ["DistAdamW", "DistMuon"]
@@ -58,10 +58,8 @@ def _dist_worker(rank, world, port, out_path):
 
 
 def test_dist_optimizers_on_two_gloo_ranks_match_single_process(tmp_path):
-    from tests.conftest import free_port
-
     out = str(tmp_path / "dist.pt")
-    mp.spawn(_dist_worker, args=(2, free_port(), out), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "rendezvous"), out), nprocs=2, join=True)
     model = tiny_model(seed=0)
     single = _train(model, model.setup_optimizers(), _batches())
     dist_state = torch.load(out)
