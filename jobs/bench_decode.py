@@ -8,7 +8,8 @@ Random weights in every matrix (at init the blocks are the identity, and a cache
 token), vocab 65536, a random prompt. First the checks: in fp32, where rounding cannot flip an argmax, the
 Engine's greedy tokens must equal GPT.generate's; in the timed dtype, every greedy token of the largest batch
 must be the argmax, up to rounding, of a full forward pass over the same sequence. Then each method is timed
-from the prompt to the last token, median of --runs after one untimed run (which compiles and captures).
+from the prompt to the last token, median of --runs after one untimed run (which compiles and captures);
+"step alone" is the Engine's decode step replayed back to back, so the gap to ms/token is the host's share.
 """
 
 import argparse
@@ -90,6 +91,28 @@ def timed(generate, runs: int, device: torch.device) -> list[float]:
     return times[1:]
 
 
+@torch.inference_mode()  # the decoder's buffers are inference tensors
+def decode_step_ms(engine: Engine, batch_size: int, start: int, device: torch.device, steps: int = 100) -> float:
+    """Milliseconds of the Engine's decode step alone, at batch_size, as its last generate built it: replayed
+    back to back from position `start`, with no sampling on the host and no host sync in between. The rest of
+    a token's time is what the host adds: sampling launches, reading the column, the stream's bookkeeping."""
+    decoder = next(d for key, d in engine._decoders.items()
+                   if key[0] == batch_size and key[-1] == engine.use_cuda_graph)
+    steps = min(steps, decoder.cache.seq_len - start)  # every write stays inside the cache
+    times = []
+    for _ in range(3):
+        decoder.pos.fill_(start)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            decoder.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) / steps)
+    return 1000 * statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,15 +168,18 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nd{args.depth}, {model.num_params() / 1e6:.0f}M parameters, {dtype}, {name}, torch {torch.__version__}; "
           f"{args.prompt_tokens}-token prompt, {args.new_tokens} new tokens, median of {args.runs}")
-    print(f"{'method':<30} {'batch':>5} {'tok/s':>10} {'ms/token':>9}")
+    print(f"{'method':<30} {'batch':>5} {'tok/s':>10} {'ms/token':>9} {'step alone':>11}")
     rows = []
     for method, batch_size, use_cuda_graph, generate in methods:
         engine.use_cuda_graph = use_cuda_graph
         seconds = timed(generate, args.runs, device)
         median = statistics.median(seconds)
         tokens_per_s = batch_size * args.new_tokens / median
-        print(f"{method:<30} {batch_size:>5} {tokens_per_s:>10,.0f} {1000 * median / args.new_tokens:>9.2f}")
-        rows.append({"method": method, "batch_size": batch_size, "tokens_per_s": tokens_per_s, "seconds": seconds})
+        step_ms = None if method.startswith("GPT") else decode_step_ms(engine, batch_size, len(prompt), device)
+        step = "" if step_ms is None else f"{step_ms:.2f} ms"
+        print(f"{method:<30} {batch_size:>5} {tokens_per_s:>10,.0f} {1000 * median / args.new_tokens:>9.2f} {step:>11}")
+        rows.append({"method": method, "batch_size": batch_size, "tokens_per_s": tokens_per_s, "seconds": seconds,
+                     "decode_step_ms": step_ms})
 
     if args.out:
         result = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "depth": args.depth,
