@@ -16,7 +16,7 @@ import torch
 from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, checkpoint_root, compiled,
                         end_phase, eval_bpb, eval_due, grad_accumulation, make_optimizers, progress_line,
                         restore_training_state, resume, save_due, save_training_checkpoint, set_lr, step_optimizers)
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
+from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger
 
@@ -164,8 +164,7 @@ def main(argv=None) -> None:
             break
         lr_mult = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_schedules(optimizers, step, lr_mult)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.time()
         loss = train_step(train_model, optimizers, train_batches, grad_accum_steps, autocast_ctx)
         loss_value = loss.item()  # one host sync per step, for logging

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from vibechat.common import print0, run_main
+from vibechat.common import print0, run_main, synchronize
 from vibechat.dataloader import tokenizing_distributed_data_loader
 from vibechat.dataset import build_pydocs, parquets_iter_batched
 from vibechat.storage import open_store
@@ -41,13 +41,11 @@ def bench_loader(tokenizer, B: int, T: int, threads: int, steps: int, device: st
     loader = tokenizing_distributed_data_loader(B, T, "train", tokenizer_threads=threads, device=device,
                                                 dataset="pydocs", tokenizer=tokenizer)
     next(loader)  # first shard read and the first buffer fill
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(torch.device(device))
     t0 = time.perf_counter()
     for _ in range(steps):
         inputs, _ = next(loader)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    synchronize(torch.device(device))
     return steps * inputs.numel() / (time.perf_counter() - t0)
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn as nn
 
-from vibechat.common import VibechatError, autocast_dtype, compute_init, run_main
+from vibechat.common import VibechatError, autocast_dtype, compute_init, run_main, synchronize
 from vibechat.engine import Engine
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.tokenizer import SPECIAL_TOKENS
@@ -81,12 +81,10 @@ def timed(generate, runs: int, device: torch.device) -> list[float]:
     """Seconds per call of generate(), after one untimed call."""
     times = []
     for _ in range(runs + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         generate()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times[1:]
 
@@ -99,18 +97,13 @@ def decode_step_ms(engine: Engine, batch_size: int, start: int, device: torch.de
     decoder = next(d for key, d in engine._decoders.items()
                    if key[0] == batch_size and key[-1] == engine.use_cuda_graph)
     steps = min(steps, decoder.cache.seq_len - start)  # every write stays inside the cache
-    times = []
-    for _ in range(3):
+
+    def replay() -> None:
         decoder.pos.fill_(start)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
         for _ in range(steps):
             decoder.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) / steps)
-    return 1000 * statistics.median(times)
+
+    return 1000 * statistics.median(timed(replay, 3, device)) / steps
 
 
 def main() -> None:

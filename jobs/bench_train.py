@@ -16,7 +16,8 @@ import time
 import torch
 
 from jobs.base_train import peak_flops, train_step
-from vibechat.common import autocast_dtype, compute_init, run_main
+from jobs.phase import grad_accumulation, step_optimizers
+from vibechat.common import autocast_dtype, compute_init, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 
 
@@ -57,9 +58,9 @@ def main(argv=None) -> None:
 
 
 def run_benchmark(args, model, train_model, optimizers, world_size: int, device, dtype) -> None:
-    micro_tokens = args.device_batch_size * args.max_seq_len
-    total = args.total_batch_size if args.total_batch_size > 0 else micro_tokens * world_size
-    grad_accum = total // (micro_tokens * world_size)
+    micro_tokens = args.device_batch_size * args.max_seq_len * world_size
+    total = args.total_batch_size if args.total_batch_size > 0 else micro_tokens
+    grad_accum = grad_accumulation(total, micro_tokens)
 
     def random_batches():
         while True:
@@ -72,13 +73,11 @@ def run_benchmark(args, model, train_model, optimizers, world_size: int, device,
     batches = random_batches()
     times = []
     for i in range(args.warmup + args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.perf_counter()
         loss = train_step(train_model, optimizers, batches, grad_accum, autocast_ctx)
         loss.item()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     dt = statistics.median(times)
@@ -121,12 +120,6 @@ def profile_split(path: str, train_model, optimizers, batches, autocast_ctx, gra
     times), and the forward+backward's device time by kernel kind (profiler). Written to `path`, also printed."""
     from torch.profiler import ProfilerActivity, profile
 
-    from jobs.phase import step_optimizers
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     def forward_backward():
         x, y = next(batches)
         with autocast_ctx():
@@ -135,13 +128,13 @@ def profile_split(path: str, train_model, optimizers, batches, autocast_ctx, gra
 
     fb_times, opt_times = [], []
     for _ in range(3):
-        sync()
+        synchronize(device)
         t0 = time.perf_counter()
         forward_backward()
-        sync()
+        synchronize(device)
         t1 = time.perf_counter()
         step_optimizers(optimizers)
-        sync()
+        synchronize(device)
         fb_times.append(t1 - t0)
         opt_times.append(time.perf_counter() - t1)
     fb, opt = statistics.median(fb_times), statistics.median(opt_times)
@@ -152,7 +145,7 @@ def profile_split(path: str, train_model, optimizers, batches, autocast_ctx, gra
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         forward_backward()
-        sync()
+        synchronize(device)
     by_kind: dict[str, float] = {}  # GPU kernels only: on the CPU there is no kernel to sort
     for event in prof.key_averages():
         if device.type == "cuda" and event.device_type == torch.autograd.DeviceType.CUDA:

@@ -25,7 +25,7 @@ from jobs.phase import (ResumableBatches, add_training_args, autocast_context, c
                         restore_training_state, save_due, save_training_checkpoint)
 from tasks.common import TaskMixture
 from tasks.registry import TASKS, get_task, task_parameters
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
+from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main, synchronize
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_MID_TASKS = "conversations-standin,multiple-choice-standin,arithmetic-standin,identity,identity," \
@@ -161,8 +161,7 @@ def main(argv=None) -> None:
             break
         lr_mult = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, 0.0)
         set_schedules(optimizers, step, lr_mult)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         t0 = time.time()
         loss_value = train_step(train_model, optimizers, train_batches, grad_accum_steps, autocast_ctx).item()
         dt = time.time() - t0

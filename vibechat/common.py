@@ -111,6 +111,14 @@ def compute_cleanup() -> None:
         dist.destroy_process_group()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a CUDA device, before reading a clock; nothing to wait for elsewhere."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def autocast_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the GPU supports it, fp32 elsewhere (CPU bf16 is slow and lossy for tiny tests)."""
     import torch

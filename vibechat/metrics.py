@@ -19,8 +19,9 @@ SEGMENT_BYTES = 256 * 1024
 def segment_keys(store, key: str) -> list[str]:
     """The objects of a metrics file in order: key, then key.000001, key.000002, ..."""
     folder = key.rsplit("/", 1)[0] + "/" if "/" in key else ""
-    numbered = [k for k in store.list(folder) if k.startswith(key + ".") and k[len(key) + 1:].isdigit()]
-    return ([key] if store.exists(key) else []) + sorted(numbered, key=lambda k: int(k[len(key) + 1:]))
+    number = {k: int(k[len(key) + 1:] or 0) for k in store.list(folder)
+              if k == key or (k.startswith(key + ".") and k[len(key) + 1:].isdigit())}
+    return sorted(number, key=number.get)
 
 
 class MetricsLogger:
