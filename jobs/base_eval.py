@@ -13,7 +13,7 @@ the mean centered accuracy for CORE, bits per byte for the splits), and to the r
 import argparse
 
 from jobs.phase import add_device_args, autocast_context, end_phase, load_eval_model
-from vibechat.common import VibechatError, compute_init, get_store_url, print0, print_banner, run_main
+from vibechat.common import VibechatError, compute_init, get_store_url, positive_int, print0, print_banner, run_main
 from vibechat.core_eval import (EVAL_BUNDLE_URL, CoreTask, core_score, evaluate_core, load_eval_bundle,
                                 standin_core_tasks)
 from vibechat.engine import Engine
@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-per-task", type=int, default=-1,
                    help="evaluate a fixed sample of this many examples of each CORE task (-1: all)")
     p.add_argument("--bpb-tokens", type=int, default=20 * 524288, help="tokens per split for bits per byte")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass for bits per byte")
+    p.add_argument("--device-batch-size", type=positive_int, default=32,
+                   help="sequences per forward pass for bits per byte")
     p.add_argument("--samples", type=int, default=len(SAMPLE_PROMPTS),
                    help=f"how many of the {len(SAMPLE_PROMPTS)} fixed prompts to continue greedily (0: none)")
     add_device_args(p)

@@ -16,7 +16,7 @@ import torch
 from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, checkpoint_root, compiled,
                         end_phase, eval_bpb, eval_due, grad_accumulation, make_optimizers, progress_line,
                         restore_training_state, resume, save_due, save_training_checkpoint, set_lr, step_optimizers)
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main, synchronize
+from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger
 
@@ -26,8 +26,8 @@ H100_BF16_PEAK_FLOPS = 989e12
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth (default 20)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context length in tokens")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward pass per rank")
+    p.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length in tokens")
+    p.add_argument("--device-batch-size", type=positive_int, default=32, help="sequences per forward pass per rank")
     p.add_argument("--total-batch-size", type=int, default=524288,
                    help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-iterations", type=int, default=-1,

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from vibechat.common import print0, run_main, synchronize
+from vibechat.common import positive_int, print0, run_main, synchronize
 from vibechat.dataloader import tokenizing_distributed_data_loader
 from vibechat.dataset import build_pydocs, parquets_iter_batched
 from vibechat.storage import open_store
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="B of the loader")
     parser.add_argument("--seq-len", type=int, default=2048, help="T of the loader")
     parser.add_argument("--threads", default="1,2,4", help="comma-separated tokenizer_threads to try")
-    parser.add_argument("--steps", type=int, default=20, help="batches timed per loader setting")
+    parser.add_argument("--steps", type=positive_int, default=20, help="batches timed per loader setting")
     parser.add_argument("--device", default="cpu", help="where the loader puts batches: cpu or cuda")
     args = parser.parse_args(argv)
 

@@ -20,7 +20,8 @@ import time
 import torch
 import torch.nn as nn
 
-from vibechat.common import VibechatError, autocast_dtype, compute_init, run_main, synchronize
+from vibechat.common import (VibechatError, autocast_dtype, compute_init, output_file, positive_int, run_main,
+                             synchronize)
 from vibechat.engine import Engine
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.tokenizer import SPECIAL_TOKENS
@@ -112,14 +113,16 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=20, help="model depth (default: 20)")
     parser.add_argument("--vocab-size", type=int, default=65536, help="(default: 65536)")
     parser.add_argument("--sequence-len", type=int, default=2048, help="model context (default: 2048)")
-    parser.add_argument("--prompt-tokens", type=int, default=128, help="(default: 128)")
-    parser.add_argument("--new-tokens", type=int, default=256, help="tokens generated per sample (default: 256)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="(default: 1 16)")
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per method; the median counts (default: 3)")
-    parser.add_argument("--check-tokens", type=int, default=16,
+    parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="(default: 128)")
+    parser.add_argument("--new-tokens", type=positive_int, default=256,
+                        help="tokens generated per sample (default: 256)")
+    parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="(default: 1 16)")
+    parser.add_argument("--runs", type=positive_int, default=3,
+                        help="timed runs per method; the median counts (default: 3)")
+    parser.add_argument("--check-tokens", type=positive_int, default=16,
                         help="greedy tokens compared with GPT.generate (default: 16)")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: the best available)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
     args = parser.parse_args()
     if args.prompt_tokens + args.new_tokens > args.sequence_len:
         raise VibechatError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed "

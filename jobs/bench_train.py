@@ -17,25 +17,26 @@ import torch
 
 from jobs.base_train import peak_flops, train_step
 from jobs.phase import grad_accumulation, step_optimizers
-from vibechat.common import autocast_dtype, compute_init, run_main, synchronize
+from vibechat.common import autocast_dtype, compute_init, output_file, positive_int, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--max-seq-len", type=positive_int, default=2048)
+    p.add_argument("--device-batch-size", type=positive_int, default=32)
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (default: one micro-batch)")
     p.add_argument("--vocab-size", type=int, default=65536)
-    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--compile", choices=["on", "off"], default="on")
     p.add_argument("--device", default=None)
     p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
                    help="attention kernel order: PyTorch's default, or cuDNN attention first")
-    p.add_argument("--out", default=None, help="write the result as JSON here")
-    p.add_argument("--profile", default=None, help="after timing, write here where the time goes: forward+backward vs optimizer, kernels by kind")
+    p.add_argument("--out", default=None, type=output_file, help="write the result as JSON here")
+    p.add_argument("--profile", default=None, type=output_file,
+                   help="after timing, write here where the time goes: forward+backward vs optimizer, kernels by kind")
     args = p.parse_args(argv)
 
     _, _, _, world_size, device = compute_init(args.device)

@@ -27,7 +27,7 @@ from jobs.phase import (add_training_args, autocast_context, check_loss, end_pha
                         make_optimizers, progress_line, restore_training_state, save_due, save_training_checkpoint,
                         set_lr, step_optimizers)
 from tasks.registry import get_task
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
+from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main
 from vibechat.engine import Engine
 from vibechat.metrics import MetricsLogger
 
@@ -38,9 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", default="arithmetic-standin",
                    help="a generative task with train and test splits: gsm8k, or the offline arithmetic-standin")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: the source's largest model)")
-    p.add_argument("--device-batch-size", type=int, default=8, help="samples per generation and forward pass")
-    p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step over all ranks")
-    p.add_argument("--num-samples", type=int, default=16, help="answers sampled per question")
+    p.add_argument("--device-batch-size", type=positive_int, default=8, help="samples per generation and forward pass")
+    p.add_argument("--examples-per-step", type=positive_int, default=16,
+                   help="questions per optimizer step over all ranks")
+    p.add_argument("--num-samples", type=positive_int, default=16, help="answers sampled per question")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)

@@ -25,7 +25,7 @@ from jobs.mid_train import add_tasks_arg, task_mixture
 from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, end_phase, eval_due,
                         load_phase_model, make_optimizers, progress_line, restore_training_state, save_due,
                         save_training_checkpoint, set_lr, step_optimizers)
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
+from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_SFT_TASKS = "multiple-choice-standin,arithmetic-standin,conversations-standin,identity," \
@@ -37,9 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--source", choices=["mid", "base"], default="mid", help="the model to fine-tune")
     add_tasks_arg(p, default=OFFLINE_SFT_TASKS)
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: the source's largest model)")
-    p.add_argument("--max-seq-len", type=int, default=None,
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="conversations are cut to this many tokens (default: the model's context)")
-    p.add_argument("--device-batch-size", type=int, default=4, help="conversations per forward pass per rank")
+    p.add_argument("--device-batch-size", type=positive_int, default=4, help="conversations per forward pass per rank")
     p.add_argument("--target-examples-per-step", type=int, default=32,
                    help="conversations per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations is -1)")

@@ -25,7 +25,7 @@ from jobs.phase import (ResumableBatches, add_training_args, autocast_context, c
                         restore_training_state, save_due, save_training_checkpoint)
 from tasks.common import TaskMixture
 from tasks.registry import TASKS, get_task, task_parameters
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main, synchronize
+from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_MID_TASKS = "conversations-standin,multiple-choice-standin,arithmetic-standin,identity,identity," \
@@ -36,8 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_tasks_arg(p, default=OFFLINE_MID_TASKS)
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default: the largest base model)")
-    p.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the model's context)")
-    p.add_argument("--device-batch-size", type=int, default=32, help="rows per forward pass per rank")
+    p.add_argument("--max-seq-len", type=positive_int, default=None,
+                   help="row length in tokens (default: the model's context)")
+    p.add_argument("--device-batch-size", type=positive_int, default=32, help="rows per forward pass per rank")
     p.add_argument("--total-batch-size", type=int, default=524288,
                    help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-iterations", type=int, default=-1,

@@ -7,8 +7,7 @@ offline they are reported as unavailable).
 
 import argparse
 
-from jobs.tok_train import positive_int
-from vibechat.common import print0, run_main
+from vibechat.common import positive_int, print0, run_main
 from vibechat.dataset import DATASETS, dataset_name, parquets_iter_batched
 from vibechat.report import get_report
 from vibechat.tokenizer import RustBPETokenizer, TokenizerError, get_tokenizer

@@ -10,20 +10,10 @@ import argparse
 import time
 from collections.abc import Iterator
 
-from vibechat.common import VibechatError, print0, run_main
+from vibechat.common import VibechatError, positive_int, print0, run_main
 from vibechat.dataset import DATASETS, dataset_name, parquets_iter_batched
 from vibechat.report import get_report
 from vibechat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, default_tokenizer_dir, save_token_bytes
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(float(text))  # accepts 2e9
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
-    return value
 
 
 def training_texts(dataset: str, max_chars: int, doc_cap: int, stats: dict) -> Iterator[str]:

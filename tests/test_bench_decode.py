@@ -3,6 +3,8 @@
 import json
 import sys
 
+import pytest
+
 from jobs.bench_decode import main
 
 
@@ -16,3 +18,14 @@ def test_bench_decode_checks_then_times_each_method_on_cpu(tmp_path, monkeypatch
     methods = [(r["method"], r["batch_size"]) for r in result["results"]]
     assert methods == [("GPT.generate, full recompute", 1), ("Engine, eager", 1), ("Engine, eager", 2)]
     assert all(r["tokens_per_s"] > 0 for r in result["results"]) and result["argmax_shortfall"] < 1e-4
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--runs=0"], "--runs: 0 must be at least 1"),
+    (["--out=/no/such/folder/decode.json"], "folder /no/such/folder does not exist"),
+])
+def test_a_zero_count_or_an_unwritable_output_is_one_usage_error(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_decode", "--device=cpu"] + argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

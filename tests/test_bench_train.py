@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from jobs.bench_train import main
 
 
@@ -28,3 +30,22 @@ def test_kernel_kind_sorts_h100_kernel_names():
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert kernel_kind("triton_per_fused__to_copy_mul_rsqrt_0").startswith("fused elementwise")
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device-batch-size=0"], "--device-batch-size: 0 must be at least 1"),
+    (["--steps=0"], "--steps: 0 must be at least 1"),
+    (["--profile=/no/such/folder/profile.txt"], "folder /no/such/folder does not exist"),
+])
+def test_bad_arguments_are_one_usage_error_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--device=cpu"] + argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_total_batch_that_is_not_a_multiple_of_the_micro_batch_is_refused():
+    from vibechat.common import VibechatError
+
+    with pytest.raises(VibechatError, match="--total-batch-size 100 is not a multiple"):
+        main(["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--vocab-size=256", "--steps=1",
+              "--compile=off", "--device=cpu", "--total-batch-size=100"])

@@ -6,6 +6,7 @@ this module too, and should start in a fraction of a second rather than load tor
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -17,6 +18,25 @@ DEFAULT_HOME = os.path.join(os.path.expanduser("~"), ".cache", "vibechat")
 
 class VibechatError(Exception):
     """An error whose message tells the user what is wrong and what to do; printed without a traceback."""
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer of at least 1 (2e9 is fine); else a one-line usage error."""
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def output_file(text: str) -> str:
+    """argparse type of a file a program writes at its end: its folder must exist now, not after the work."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
+    return text
 
 
 def get_store_url() -> str:
