@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from vibechat.common import VibechatError
-from vibechat.engine import Engine, KVCache, _decode_step, _StepCache, sample_next_token
+from vibechat.engine import Engine, KVCache, _decode_and_sample, _decode_step, _StepCache, sample_next_token
 from vibechat.gpt import GPT, GPTConfig
 from vibechat.tokenizer import SPECIAL_TOKENS
 
@@ -193,6 +193,29 @@ def test_top_k_samples_only_among_the_k_largest_logits():
     allowed = set(logits[0].topk(3).indices.tolist())
     drawn = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=1.0, top_k=3)
     assert drawn.shape == (2000, 1) and set(drawn.view(-1).tolist()) == allowed
+
+
+def test_sampled_frequencies_follow_the_softmax_of_the_top_k_at_the_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]]).expand(40000, -1)
+    drawn = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=2.0, top_k=3)
+    frequencies = torch.bincount(drawn.view(-1), minlength=5).float() / len(drawn)
+    expected = torch.zeros(5)
+    expected[[4, 0, 1]] = torch.softmax(torch.tensor([3.0, 2.0, 1.0]) / 2.0, dim=0)
+    torch.testing.assert_close(frequencies, expected, atol=0.01, rtol=0)
+
+
+@torch.inference_mode()  # as the Engine runs it
+def test_decode_and_sample_compiles_to_the_eager_draws_from_the_same_noise():
+    model = random_gpt()
+    compiled = torch.compile(_decode_and_sample, backend="aot_eager", fullgraph=True)
+    ids = torch.randint(0, VOCAB, (3, 10))
+    noise, temperature = torch.rand(3, 5), torch.tensor([0.7])
+    drawn = []
+    for step in (compiled, _decode_and_sample):
+        cache = KVCache(3, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
+        model(ids[:, :9], kv_cache=cache)
+        drawn.append(step(model, ids[:, 9:].clone(), _StepCache(cache, torch.tensor([9])), noise, temperature, 5))
+    assert torch.equal(drawn[0], drawn[1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

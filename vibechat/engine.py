@@ -3,8 +3,10 @@
 The prompt is prefilled once at batch 1 and its cache copied into every sample's row. Decoding then
 runs one token per step over a cache preallocated to the longest sequence, at a position held on the
 device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
-once per (batch size, cache length) and replayed for each token; elsewhere it runs eagerly. The one
-host sync per step is reading the new token column, which the stream yields and tool use inspects.
+once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. The step
+samples too (Gumbel-max over the top_k logits, with uniform noise drawn from the request's seeded generator
+before each step), so a token costs two launches: the noise and the graph. The one host sync per step is
+reading the new token column, which the stream yields and tool use inspects.
 """
 
 from collections import deque
@@ -102,6 +104,13 @@ def _decode_step(model, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor
     return logits
 
 
+def _decode_and_sample(model, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor, temperature: torch.Tensor,
+                       top_k: int) -> torch.Tensor:
+    """Feed `tokens` at the cache's position and sample the next ones into `tokens` (returned too)."""
+    tokens.copy_(gumbel_sample(_decode_step(model, tokens, cache), noise, temperature, top_k))
+    return tokens
+
+
 def _cuda_graph(fn):
     """Record fn's kernels once; the returned function replays them and returns fn's output tensor, rewritten."""
     stream = torch.cuda.Stream()
@@ -122,26 +131,31 @@ def _cuda_graph(fn):
 
 
 class _Decoder:
-    """The decode step at one batch size and cache length: feeds `tokens` at `pos`, returns (B, V) logits and
-    advances `pos`. Its buffers live as long as the Engine, at fixed addresses, as a captured graph needs."""
+    """The decode step at one batch size, cache length and top_k: feeds `tokens` at `pos`, samples the next
+    column into `tokens` with `noise` (refilled by the caller) at `temperature`, and advances `pos`. Its buffers
+    live as long as the Engine, at fixed addresses, as a captured graph needs."""
 
-    def __init__(self, model, batch_size: int, seq_len: int, dtype: torch.dtype, device: torch.device,
+    def __init__(self, model, batch_size: int, seq_len: int, top_k: int, dtype: torch.dtype, device: torch.device,
                  cuda_graph: bool):
         config = model.config
         self.cache = KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer)
         self.cache._allocate(dtype, device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        step_cache = _StepCache(self.cache, self.pos)
+        self.noise = torch.full((batch_size, top_k), 0.5, device=device)
+        self.temperature = torch.ones(1, device=device)
+        args = (self.tokens, _StepCache(self.cache, self.pos), self.noise, self.temperature, top_k)
         if cuda_graph:
-            compiled = torch.compile(_decode_step, dynamic=False)  # one static graph per batch size and cache length
-            self.step = _cuda_graph(lambda: compiled(model, self.tokens, step_cache))
+            compiled = torch.compile(_decode_and_sample, dynamic=False)  # one static graph per shape and top_k
+            self.step = _cuda_graph(lambda: compiled(model, *args))
         else:
-            self.step = lambda: _decode_step(model, self.tokens, step_cache)
+            self.step = lambda: _decode_and_sample(model, *args)
 
-    def start(self, prefill: KVCache) -> None:
+    def start(self, prefill: KVCache, first: torch.Tensor, temperature: float) -> None:
         self.cache.prefill(prefill)
         self.pos.fill_(prefill.pos)
+        self.tokens.copy_(first)
+        self.temperature.fill_(temperature)
 
 
 @dataclass
@@ -160,18 +174,34 @@ def _check_sampling(temperature: float, top_k: int | None) -> None:
         raise VibechatError(f"top_k {top_k} is not allowed: use a positive number, or None to sample from all tokens")
 
 
+def gumbel_sample(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float,
+                  top_k: int) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) ids drawn from the softmax of the top_k logits at `temperature`, given (B, top_k)
+    uniform noise: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). No host sync, no
+    data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused)."""
+    if top_k < logits.size(-1):
+        values, indices = torch.topk(logits, top_k, dim=-1)
+    else:
+        values, indices = logits, None
+    choice = (values.float() / temperature - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
+    return choice if indices is None else indices.gather(-1, choice)
+
+
+def _sampling(temperature: float, top_k: int | None, vocab_size: int) -> tuple[float, int]:
+    """(temperature, k) for gumbel_sample: greedy as top-1 at temperature 1, no top_k as the whole vocabulary."""
+    if temperature == 0:
+        return 1.0, 1
+    return temperature, vocab_size if top_k is None else min(top_k, vocab_size)
+
+
 def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: float = 1.0,
                       top_k: int | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) ids: argmax at temperature 0, else a draw from the softmax of the top_k logits
     at that temperature. top_k None, or above the vocabulary size, keeps every token."""
     _check_sampling(temperature, top_k)
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
-    if top_k is not None and top_k < logits.size(-1):
-        values, indices = torch.topk(logits, top_k, dim=-1)
-        choice = torch.multinomial(F.softmax(values / temperature, dim=-1), 1, generator=rng)
-        return indices.gather(-1, choice)
-    return torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+    temperature, k = _sampling(temperature, top_k, logits.size(-1))
+    noise = torch.rand(logits.size(0), k, generator=rng, device=logits.device)
+    return gumbel_sample(logits, noise, temperature, k)
 
 
 class Engine:
@@ -210,15 +240,13 @@ class Engine:
             raise VibechatError(f"max_tokens {max_tokens} is negative: use 0 or more, or None to fill the context")
         _check_sampling(temperature, top_k)
 
-    def _decoder(self, batch_size: int, seq_len: int, prefill: KVCache) -> _Decoder:
+    def _decoder(self, batch_size: int, seq_len: int, top_k: int, prefill: KVCache) -> _Decoder:
         like = prefill.k[0]
-        key = (batch_size, seq_len, like.dtype, self.use_cuda_graph)
+        key = (batch_size, seq_len, top_k, like.dtype, self.use_cuda_graph)
         if key not in self._decoders:
-            self._decoders[key] = _Decoder(self.model, batch_size, seq_len, like.dtype, like.device,
+            self._decoders[key] = _Decoder(self.model, batch_size, seq_len, top_k, like.dtype, like.device,
                                            self.use_cuda_graph)
-        decoder = self._decoders[key]
-        decoder.start(prefill)  # after building: capturing ran warm-up steps on the buffers
-        return decoder
+        return self._decoders[key]
 
     def _advance(self, row: _Row, token: int) -> None:
         """Update a row's state with its new token; a finished calculator call queues the result to force."""
@@ -258,15 +286,18 @@ class Engine:
         prefill = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = model(ids, kv_cache=prefill)[:, -1, :].expand(num_samples, -1)
+        temperature, k = _sampling(temperature, top_k, config.vocab_size)
         # the last step's input is at position max_len - 2
-        decoder = self._decoder(num_samples, -(-(max_len - 1) // CACHE_BUCKET) * CACHE_BUCKET, prefill)
+        decoder = self._decoder(num_samples, -(-(max_len - 1) // CACHE_BUCKET) * CACHE_BUCKET, k, prefill)
+        # after building: capturing ran warm-up steps on the buffers
+        decoder.start(prefill, gumbel_sample(logits, self._noise(decoder, rng, k), temperature, k), temperature)
 
         rows = [_Row() for _ in range(num_samples)]
         for step in range(max_len - len(tokens)):
             if step > 0:
-                logits = decoder.step()
-            sampled = sample_next_token(logits, rng, temperature, top_k)
-            column = sampled.view(-1).tolist()  # the step's one host sync
+                self._noise(decoder, rng, k)
+                decoder.step()
+            column = decoder.tokens.view(-1).tolist()  # the step's one host sync
             masks = [1] * num_samples
             for i, row in enumerate(rows):
                 if row.forced:
@@ -276,8 +307,15 @@ class Engine:
             yield column, masks
             if all(row.done for row in rows):
                 return
-            forced = not all(masks)
-            decoder.tokens.copy_(torch.tensor(column, device=device).view(-1, 1) if forced else sampled)
+            if not all(masks):  # tool output replaces sampled tokens as the next input
+                decoder.tokens.copy_(torch.tensor(column, device=device).view(-1, 1))
+
+    @staticmethod
+    def _noise(decoder: _Decoder, rng: torch.Generator, k: int) -> torch.Tensor:
+        """Fresh uniform noise for the next draw, from the request's seeded generator (greedy needs none)."""
+        if k > 1:
+            torch.rand(decoder.noise.shape, generator=rng, device=decoder.noise.device, out=decoder.noise)
+        return decoder.noise
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:
