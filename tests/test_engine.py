@@ -5,7 +5,10 @@ import torch
 import torch.nn as nn
 
 from vibechat.common import VibechatError
-from vibechat.engine import Engine, KVCache, _decode_and_sample, _decode_step, _StepCache, sample_next_token
+from functools import partial
+
+from vibechat.engine import (Engine, KVCache, _decode_and_sample, _DecodeWeights, _forward_step, _fused_step,
+                             _StepCache, sample_next_token)
 from vibechat.gpt import GPT, GPTConfig
 from vibechat.tokenizer import SPECIAL_TOKENS
 
@@ -50,27 +53,31 @@ def gpt_engine(seed: int = 0) -> Engine:
 
 
 class ScriptedModel(nn.Module):
-    """Writes script[row][n] at its n-th call whatever it reads, and records the tokens it reads. It keeps one
-    1-wide head in the cache, so the engine's prefill, cache copy and decode steps run as for a GPT."""
+    """Writes script[row][n] as the n-th token after the prompt (past the script's end, its last token),
+    whatever it reads, and records the tokens it reads there (a step the engine redoes overwrites its record).
+    It keeps one 1-wide head in the cache, so the engine's prefill, cache copy and decode steps run as for a GPT."""
 
     def __init__(self, script: list[list[int]], vocab_size: int):
         super().__init__()
         self.config = GPTConfig(sequence_len=64, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=1)
         self.rotary_seq_len = 640
         self.script = script
-        self.calls = 0
-        self.read = []  # the last token of each call's input, per row
+        self.prompt_len = 0
+        self.read = {}  # n -> the last token of the input that produced the n-th token, per row
 
     def get_device(self) -> torch.device:
         return torch.device("cpu")
 
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
         B, T = idx.shape
+        pos = int(kv_cache.get_pos())
+        if pos == 0:
+            self.prompt_len = T
+        n = pos + T - self.prompt_len
         kv_cache.insert_kv(0, torch.zeros(B, 1, T, 1), torch.zeros(B, 1, T, 1))
-        self.read.append(idx[:, -1].tolist())
+        self.read[n] = idx[:, -1].tolist()
         rows = self.script if B == len(self.script) else self.script[:1] * B  # the prefill runs at batch 1
-        chosen = torch.tensor([row[self.calls] for row in rows])
-        self.calls += 1
+        chosen = torch.tensor([row[min(n, len(row) - 1)] for row in rows])
         return 10.0 * nn.functional.one_hot(chosen, self.config.vocab_size).float()[:, None, :].expand(B, T, -1)
 
 
@@ -116,9 +123,19 @@ def test_chunked_prefill_gives_the_full_forward_logits():
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def forward_step(model: GPT):
+    return partial(_forward_step, model)
+
+
+def fused_step(model: GPT, dtype: torch.dtype = torch.float32):
+    return partial(_fused_step, model.config, _DecodeWeights(model, dtype))
+
+
+@pytest.mark.parametrize("make_step", [forward_step, fused_step], ids=["through forward", "fused"])
 @torch.inference_mode()
-def test_decode_at_a_device_position_over_the_whole_preallocated_cache_gives_the_full_forward_logits():
+def test_decode_at_a_device_position_over_the_whole_preallocated_cache_gives_the_full_forward_logits(make_step):
     model = random_gpt()
+    forward = make_step(model)
     ids = torch.randint(0, VOCAB, (3, 20))
     ids[:, :12] = ids[0, :12]  # three continuations of one prompt
     full = model(ids)
@@ -127,23 +144,47 @@ def test_decode_at_a_device_position_over_the_whole_preallocated_cache_gives_the
     cache = KVCache(3, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
     cache.prefill(prompt)
     step_cache = _StepCache(cache, torch.tensor([12]))
-    logits = [_decode_step(model, ids[:, t:t + 1], step_cache) for t in range(12, 20)]
+    logits = [forward(ids[:, t:t + 1], step_cache) for t in range(12, 20)]
     torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 12:], atol=1e-5, rtol=1e-5)
     assert step_cache.pos.item() == 20
+
+
+@torch.inference_mode()
+def test_fused_step_in_bfloat16_stays_within_rounding_of_the_full_forward():
+    model = random_gpt()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    full = model(ids)
+    cache = KVCache(2, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids[:, :15], kv_cache=cache)
+        logits = fused_step(model, torch.bfloat16)(ids[:, 15:], _StepCache(cache, torch.tensor([15])))
+    torch.testing.assert_close(logits, full[:, 15], atol=0.1, rtol=0)
+
+
+@torch.inference_mode()
+def test_decode_weights_follow_the_model_when_refreshed():
+    model = random_gpt()
+    weights = _DecodeWeights(model, torch.float32)
+    with torch.no_grad():
+        model.transformer.h[1].attn.c_k.weight.mul_(2)
+    weights.refresh(model)
+    qkv = weights.blocks[1][0]
+    torch.testing.assert_close(qkv[32:48], model.transformer.h[1].attn.c_k.weight)
 
 
 @torch.inference_mode()
 def test_decode_step_compiles_to_one_graph_that_matches_eager_at_every_batch_and_cache_length():
     model = random_gpt()
     # aot_eager runs Dynamo and the functionalization of the in-place cache writes, as on CUDA, in seconds
-    compiled = torch.compile(_decode_step, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(_fused_step, backend="aot_eager", fullgraph=True)
+    weights = _DecodeWeights(model, torch.float32)
     for batch_size, seq_len in [(1, 256), (3, 512), (2, 768)]:  # new shapes recompile, then go dynamic
         ids = torch.randint(0, VOCAB, (batch_size, 16))
         full = model(ids)
         cache = KVCache(batch_size, num_heads=2, seq_len=seq_len, head_dim=8, num_layers=2)
         model(ids[:, :10], kv_cache=cache)
         step_cache = _StepCache(cache, torch.tensor([10]))
-        logits = [compiled(model, ids[:, t:t + 1].clone(), step_cache) for t in range(10, 16)]
+        logits = [compiled(model.config, weights, ids[:, t:t + 1].clone(), step_cache) for t in range(10, 16)]
         torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 10:], atol=1e-5, rtol=1e-5)
 
 
@@ -207,6 +248,7 @@ def test_sampled_frequencies_follow_the_softmax_of_the_top_k_at_the_temperature(
 @torch.inference_mode()  # as the Engine runs it
 def test_decode_and_sample_compiles_to_the_eager_draws_from_the_same_noise():
     model = random_gpt()
+    forward = fused_step(model)
     compiled = torch.compile(_decode_and_sample, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, VOCAB, (3, 10))
     noise, temperature = torch.rand(3, 5), torch.tensor([0.7])
@@ -214,7 +256,7 @@ def test_decode_and_sample_compiles_to_the_eager_draws_from_the_same_noise():
     for step in (compiled, _decode_and_sample):
         cache = KVCache(3, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
         model(ids[:, :9], kv_cache=cache)
-        drawn.append(step(model, ids[:, 9:].clone(), _StepCache(cache, torch.tensor([9])), noise, temperature, 5))
+        drawn.append(step(forward, ids[:, 9:].clone(), _StepCache(cache, torch.tensor([9])), noise, temperature, 5))
     assert torch.equal(drawn[0], drawn[1])
 
 
@@ -229,6 +271,16 @@ def test_greedy_generation_equals_gpt_generate_token_for_token():
     columns, masks = stream(engine, prompt, max_tokens=30, temperature=0.0)
     assert [column[0] for column in columns] == expected
     assert all(m == [1] for m in masks)
+
+
+def test_a_request_decodes_with_the_weights_the_model_has_then():
+    engine = gpt_engine()
+    prompt = [3, 14, 15, 9, 2, 6]
+    stream(engine, prompt, max_tokens=5, temperature=0.0)  # builds the decoder and its copy of the weights
+    engine.model.load_state_dict(random_gpt(seed=1).state_dict(), assign=True)  # new tensors, as a reload makes
+    expected = list(engine.model.generate(prompt, max_tokens=20, temperature=0.0))
+    columns, _ = stream(engine, prompt, max_tokens=20, temperature=0.0)
+    assert [column[0] for column in columns] == expected
 
 
 def test_greedy_rows_of_a_batch_all_equal_gpt_generate():
@@ -296,7 +348,7 @@ def test_a_calculator_call_gets_its_result_forced_into_the_row_with_mask_zero():
     assert [m[0] for m in masks] == [1] * len(call) + [0] * 3 + [1, 1]
     assert all(column[0] == column[1] for column in columns) and all(m[0] == m[1] for m in masks)
     # the model reads the forced tokens as its next inputs
-    assert [row[0] for row in model.read[1:]] == expected[:-1]
+    assert [model.read[n][0] for n in range(1, len(expected))] == expected[:-1]
 
 
 def test_a_call_the_calculator_refuses_forces_nothing():

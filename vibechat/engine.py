@@ -1,22 +1,26 @@
 """Inference: a preallocated KV cache, and an Engine that streams samples with calculator tool use.
 
-The prompt is prefilled once at batch 1 and its cache copied into every sample's row. Decoding then
-runs one token per step over a cache preallocated to the longest sequence, at a position held on the
-device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
-once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. The step
-samples too (Gumbel-max over the top_k logits, with uniform noise drawn from the request's seeded generator
-before each step), so a token costs two launches: the noise and the graph. The one host sync per step is
-reading the new token column, which the stream yields and tool use inspects.
+The prompt is prefilled once at batch 1 (through GPT.forward) and its cache copied into every sample's row.
+Decoding then runs one token per step over a cache preallocated to the longest sequence, at a position held
+on the device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
+once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT
+the step is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode
+dtype, Triton kernels from vibechat.decode_ops on CUDA). The step samples too (Gumbel-max over the top_k
+logits, with uniform noise drawn from the request's seeded generator before each step), so a token costs two
+launches: the noise and the graph. The one host sync per step is reading the new token column, which the
+stream yields and tool use inspects.
 """
 
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from vibechat.calculator import use_calculator
 from vibechat.common import VibechatError
+from vibechat.decode_ops import decode_attention, linear
+from vibechat.gpt import GPT, SOFTCAP, apply_rotary_emb, norm
 
 CACHE_BUCKET = 256  # decode caches are sized in multiples of this, so one captured graph serves many requests
 
@@ -98,16 +102,72 @@ class _StepCache:
         return keys, values
 
 
-def _decode_step(model, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
+def _forward_step(model, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
+    """A decode step through model.forward: for any model with GPT's forward(idx, kv_cache=)."""
     logits = model(tokens, kv_cache=cache)[:, -1, :]
     cache.pos.add_(1)
     return logits
 
 
-def _decode_and_sample(model, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor, temperature: torch.Tensor,
-                       top_k: int) -> torch.Tensor:
-    """Feed `tokens` at the cache's position and sample the next ones into `tokens` (returned too)."""
-    tokens.copy_(gumbel_sample(_decode_step(model, tokens, cache), noise, temperature, top_k))
+class _DecodeWeights:
+    """A GPT's weights as the fused decode step reads them: in the decode dtype (cast once per request, not
+    at every step as autocast would), each block's query, key and value matrices stacked into one, so they
+    cost one matrix-vector product, not three. refresh() copies them from the model; every generate calls
+    it, so training between requests (RL) is seen and the captured step keeps reading the same buffers."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.buffers = [torch.empty(sum(w.size(0) for w in group), group[0].size(1), device=group[0].device,
+                                    dtype=group[0].dtype if keeps_dtype else dtype)
+                        for group, keeps_dtype in self._groups(model)]
+        self.refresh(model)
+        self.wte, self.lm_head, self.cos, self.sin = self.buffers[:4]
+        self.blocks = [self.buffers[i:i + 4] for i in range(4, len(self.buffers), 4)]  # (qkv, o, fc, proj)
+
+    @staticmethod
+    def _groups(model) -> list[tuple[list[torch.Tensor], bool]]:
+        """(the tensors stacked into one buffer, whether it keeps their dtype): the rotary tables do, as the
+        model's forward reads them in theirs."""
+        groups = [([model.transformer.wte.weight], False), ([model.lm_head.weight], False),
+                  ([model.cos[0, 0]], True), ([model.sin[0, 0]], True)]
+        for block in model.transformer.h:
+            attn, mlp = block.attn, block.mlp
+            groups += [([attn.c_q.weight, attn.c_k.weight, attn.c_v.weight], False), ([attn.c_proj.weight], False),
+                       ([mlp.c_fc.weight], False), ([mlp.c_proj.weight], False)]
+        return groups
+
+    @torch.no_grad()
+    def refresh(self, model) -> None:
+        for buffer, (group, _) in zip(self.buffers, self._groups(model)):
+            torch.cat(group, out=buffer)
+
+
+def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
+    """GPT.forward for one token per row, from the KV cache: the same arithmetic (the tests hold it to the full
+    forward's logits), with the norms, ReLU² and residual adds folded into the matrix-vector products and
+    attention reading only the written part of the cache (vibechat.decode_ops)."""
+    B, pos = tokens.size(0), cache.pos
+    H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+    cos, sin = weights.cos[None, None, pos], weights.sin[None, None, pos]  # (1, 1, 1, D/2)
+    x = norm(weights.wte[tokens[:, 0]])  # (B, C)
+    for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
+        q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
+        k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
+        cache.cache.k[layer][:, :, pos] = k
+        cache.cache.v[layer][:, :, pos] = v.view(B, H_kv, 1, D)
+        y = decode_attention(q, cache.cache.k[layer], cache.cache.v[layer], pos)
+        x = linear(y.view(B, H * D), o, residual=x)
+        x = linear(linear(x, fc, norm_input=True, relu2=True), proj, residual=x)
+    logits = linear(x, weights.lm_head, norm_input=True).float()
+    cache.pos.add_(1)
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+
+
+def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor,
+                       temperature: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Feed `tokens` at the cache's position through forward(tokens, cache) and sample the next ones into
+    `tokens` (returned too)."""
+    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k))
     return tokens
 
 
@@ -138,24 +198,56 @@ class _Decoder:
     def __init__(self, model, batch_size: int, seq_len: int, top_k: int, dtype: torch.dtype, device: torch.device,
                  cuda_graph: bool):
         config = model.config
+        self.model = model
         self.cache = KVCache(batch_size, config.n_kv_head, seq_len, config.n_embd // config.n_head, config.n_layer)
         self.cache._allocate(dtype, device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.noise = torch.full((batch_size, top_k), 0.5, device=device)
         self.temperature = torch.ones(1, device=device)
-        args = (self.tokens, _StepCache(self.cache, self.pos), self.noise, self.temperature, top_k)
+        self.top_k = top_k
+        # the token column's way to the host: pinned memory and an event, so that reading it waits for the copy
+        # alone and not for a step launched after it
+        self.host_tokens = torch.empty(batch_size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.copied = torch.cuda.Event() if device.type == "cuda" else None
+        if isinstance(model, GPT):
+            self.weights = _DecodeWeights(model, dtype)
+            forward = partial(_fused_step, config, self.weights)
+        else:
+            self.weights = None
+            forward = partial(_forward_step, model)
+        args = (forward, self.tokens, _StepCache(self.cache, self.pos), self.noise, self.temperature, top_k)
         if cuda_graph:
             compiled = torch.compile(_decode_and_sample, dynamic=False)  # one static graph per shape and top_k
-            self.step = _cuda_graph(lambda: compiled(model, *args))
+            self.step = _cuda_graph(lambda: compiled(*args))
         else:
-            self.step = lambda: _decode_and_sample(model, *args)
+            self.step = lambda: _decode_and_sample(*args)
 
     def start(self, prefill: KVCache, first: torch.Tensor, temperature: float) -> None:
+        if self.weights is not None:
+            self.weights.refresh(self.model)
         self.cache.prefill(prefill)
         self.pos.fill_(prefill.pos)
         self.tokens.copy_(first)
         self.temperature.fill_(temperature)
+
+    def advance(self, rng: torch.Generator) -> None:
+        """Sample the next column into `tokens`, with fresh noise from the request's generator (greedy needs none)."""
+        if self.top_k > 1:
+            torch.rand(self.noise.shape, generator=rng, device=self.noise.device, out=self.noise)
+        self.step()
+
+    def send_column(self) -> None:
+        """Start copying the current column to the host: queued before the next advance, it reads this one."""
+        self.host_tokens.copy_(self.tokens.view(-1), non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+    def receive_column(self) -> list[int]:
+        """The column sent last; the host's one wait per step."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.host_tokens.tolist()
 
 
 @dataclass
@@ -207,8 +299,10 @@ def sample_next_token(logits: torch.Tensor, rng: torch.Generator, temperature: f
 class Engine:
     """Streams samples from a model, one generation at a time: the decode buffers are reused across calls.
 
-    A captured decode step reads the weights where they lie: updating them in place (an optimizer step) is
-    seen, replacing the tensors (load_state_dict(assign=True), model.to(dtype)) needs a new Engine.
+    A GPT decodes from a copy of its weights taken at the start of every request, so whatever happened to
+    the model in between (an optimizer step, a new state dict) is seen. Any other model with GPT's
+    forward(idx, kv_cache=) decodes through that forward, and a captured step then reads its weights where
+    they lie: updates in place are seen, replaced tensors need a new Engine.
     """
 
     def __init__(self, model, tokenizer):
@@ -290,14 +384,17 @@ class Engine:
         # the last step's input is at position max_len - 2
         decoder = self._decoder(num_samples, -(-(max_len - 1) // CACHE_BUCKET) * CACHE_BUCKET, k, prefill)
         # after building: capturing ran warm-up steps on the buffers
-        decoder.start(prefill, gumbel_sample(logits, self._noise(decoder, rng, k), temperature, k), temperature)
+        noise = torch.rand(num_samples, k, generator=rng, device=device)
+        decoder.start(prefill, gumbel_sample(logits, noise, temperature, k), temperature)
 
         rows = [_Row() for _ in range(num_samples)]
-        for step in range(max_len - len(tokens)):
-            if step > 0:
-                self._noise(decoder, rng, k)
-                decoder.step()
-            column = decoder.tokens.view(-1).tolist()  # the step's one host sync
+        num_columns = max_len - len(tokens)
+        for step in range(num_columns):
+            decoder.send_column()
+            last = step == num_columns - 1
+            if not last:
+                decoder.advance(rng)  # the GPU computes the next column while the host handles this one
+            column = decoder.receive_column()
             masks = [1] * num_samples
             for i, row in enumerate(rows):
                 if row.forced:
@@ -307,15 +404,11 @@ class Engine:
             yield column, masks
             if all(row.done for row in rows):
                 return
-            if not all(masks):  # tool output replaces sampled tokens as the next input
+            if not all(masks) and not last:
+                # the next column came from the sampled tokens: step back and redo it from the tool output
+                decoder.pos.sub_(1)
                 decoder.tokens.copy_(torch.tensor(column, device=device).view(-1, 1))
-
-    @staticmethod
-    def _noise(decoder: _Decoder, rng: torch.Generator, k: int) -> torch.Tensor:
-        """Fresh uniform noise for the next draw, from the request's seeded generator (greedy needs none)."""
-        if k > 1:
-            torch.rand(decoder.noise.shape, generator=rng, device=decoder.noise.device, out=decoder.noise)
-        return decoder.noise
+                decoder.advance(rng)
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:

@@ -1,0 +1,129 @@
+"""The two operations of a one-token decode step that PyTorch leaves slow on a GPU, as Triton kernels.
+
+At batch 1 a decode step is a chain of ~7 small launches per layer and each one's latency counts:
+- `linear`: a matrix-vector product that reads every weight once, with the RMSNorm of its input, a ReLU²
+  and the residual add folded in, so each of them costs no launch of its own (cuBLAS: 5 µs for a
+  1280x1280 bf16 matrix, this kernel about 4; the norm and the add would be two more launches).
+- `decode_attention`: attention of one query per head over only the valid prefix of a preallocated cache
+  (SDPA with a mask reads every slot of it), split over the positions so that even batch 1 fills the GPU.
+
+Each falls back to the plain PyTorch it replaces on a CPU, without Triton, and for `linear` at more than
+one row, where cuBLAS's matrix product is already the right tool; that version is also the tests' reference.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: every op takes its PyTorch path
+    triton = None
+
+ATTENTION_BLOCK = 64  # cache positions per attention program
+
+
+def rms_norm_eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps  # what F.rms_norm uses when given none, as the model's norm is
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu2: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, K) x (N, K) weight -> (B, N): weight @ rmsnorm(x) if norm_input, then relu(.)² if relu2, then
+    + residual if given."""
+    if triton is not None and x.is_cuda and x.size(0) == 1:
+        return _triton_gemv(x, weight, norm_input, relu2, residual)
+    if norm_input:
+        x = F.rms_norm(x, (x.size(-1),))
+    y = F.linear(x, weight)
+    if relu2:
+        y = F.relu(y).square()
+    return y if residual is None else residual + y
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """(B, H, 1, D) queries at position pos ((1,) long, on the device) over (B, H_kv, T, D) caches whose
+    slots 0..pos are written -> (B, H, 1, D). Slots past pos weigh nothing (the kernel does not read them)."""
+    if triton is not None and q.is_cuda:
+        return _triton_decode_attention(q, k_cache, v_cache, pos)
+    visible = torch.arange(k_cache.size(2), device=q.device) <= pos[:, None]  # (1, T)
+    return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible,
+                                          enable_gqa=q.size(1) != k_cache.size(1))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, residual_ptr, y_ptr, eps, N, K: tl.constexpr, NORM_INPUT: tl.constexpr,
+                     RELU2: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        # 2-D partial sums, reduced once at the end: the loop stays free of cross-thread shuffles
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for k0 in tl.range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            acc += w.to(tl.float32) * x[None, :]
+            if NORM_INPUT:
+                squares += x * x
+        y = tl.sum(acc, axis=1)
+        if NORM_INPUT:  # rmsnorm scales x by one number, so it can scale the product instead
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        if RELU2:
+            y = tl.maximum(y, 0.0)
+            y = y * y
+        if RESIDUAL:
+            y += tl.load(residual_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    def _triton_gemv(x, weight, norm_input, relu2, residual):
+        N, K = weight.shape
+        y = torch.empty(1, N, dtype=weight.dtype, device=x.device)
+        # measured on an H100 at d20 (docs/benchmarks.md): long rows want fewer of them per program
+        block_n, block_k, warps = (2, 512, 8) if K >= 4096 else (4, 256, 4)
+        _gemv_kernel[(triton.cdiv(N, block_n),)](
+            x, weight, x if residual is None else residual, y, rms_norm_eps(x.dtype), N, K, norm_input, relu2,
+            residual is not None, block_n, block_k, num_warps=warps)
+        return y
+
+    @triton.jit
+    def _attention_block_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, T: tl.constexpr,
+                                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        """One (row, head, block of positions): the block's max score, softmax denominator and weighted values."""
+        bh, block = tl.program_id(0), tl.program_id(1)
+        n_blocks = tl.num_programs(1)
+        kv_head = (bh // H) * (H // GROUP) + (bh % H) // GROUP
+        valid = tl.load(pos_ptr) + 1
+        out = bh * n_blocks + block
+        t = block * BLOCK + tl.arange(0, BLOCK)
+        visible = t < valid
+        d = tl.arange(0, D)
+        q = tl.load(q_ptr + bh * D + d).to(tl.float32)
+        kv = kv_head * T * D + t[:, None] * D + d[None, :]
+        k = tl.load(k_ptr + kv, mask=visible[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        m = tl.max(scores, axis=0)
+        p = tl.where(visible, tl.exp(scores - m), 0.0)
+        v = tl.load(v_ptr + kv, mask=visible[:, None], other=0.0).to(tl.float32)
+        tl.store(m_ptr + out, m)
+        tl.store(l_ptr + out, tl.sum(p, axis=0))
+        tl.store(acc_ptr + out * D + d, tl.sum(p[:, None] * v, axis=0))
+
+    def _triton_decode_attention(q, k_cache, v_cache, pos):
+        B, H, _, D = q.shape
+        T = k_cache.size(2)
+        n_blocks = triton.cdiv(T, ATTENTION_BLOCK)
+        m = torch.empty(B, H, n_blocks, dtype=torch.float32, device=q.device)
+        l = torch.empty_like(m)
+        acc = torch.empty(B, H, n_blocks, D, dtype=torch.float32, device=q.device)
+        _attention_block_kernel[(B * H, n_blocks)](
+            q, k_cache, v_cache, pos, m, l, acc, 1.0 / math.sqrt(D), T, H, H // k_cache.size(1), D, ATTENTION_BLOCK)
+        # blocks past the position hold max -inf and weigh 0; the first block always holds position 0
+        weight = torch.exp(m - m.amax(dim=-1, keepdim=True))
+        y = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]
+        return y[:, :, None, :].to(q.dtype)
