@@ -39,13 +39,15 @@ def test_linear_matches_the_float64_product_with_its_fused_parts(device, n, k, f
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("batch, heads, kv_heads, cache_len", [(1, 10, 10, 512), (16, 10, 10, 512), (3, 4, 2, 300)])
+@pytest.mark.parametrize("batch, heads, kv_heads, cache_len, head_dim",
+                         [(1, 10, 10, 512, 128), (16, 10, 10, 512, 128), (3, 4, 2, 300, 128), (2, 1, 1, 300, 192)])
 @pytest.mark.parametrize("pos", [0, 63, 64, 200, 299])
-def test_decode_attention_sees_exactly_the_written_prefix_of_the_cache(device, batch, heads, kv_heads, cache_len, pos):
+def test_decode_attention_sees_exactly_the_written_prefix_of_the_cache(device, batch, heads, kv_heads, cache_len,
+                                                                       head_dim, pos):
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q = torch.randn(batch, heads, 1, 128, device=device, dtype=dtype)
-    k = torch.randn(batch, kv_heads, cache_len, 128, device=device, dtype=dtype)
-    v = torch.randn(batch, kv_heads, cache_len, 128, device=device, dtype=dtype)
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, kv_heads, cache_len, head_dim, device=device, dtype=dtype)
     k[:, :, pos + 1:] = 1e4  # unwritten slots must not count
     v[:, :, pos + 1:] = 1e4
     got = decode_attention(q, k, v, torch.tensor([pos], device=device))

@@ -87,13 +87,14 @@ if triton is not None:
         # measured on an H100 at d20 (docs/benchmarks.md): long rows want fewer of them per program
         block_n, block_k, warps = (2, 512, 8) if K >= 4096 else (4, 256, 4)
         _gemv_kernel[(triton.cdiv(N, block_n),)](
-            x, weight, x if residual is None else residual, y, rms_norm_eps(x.dtype), N, K, norm_input, relu2,
+            x.contiguous(), weight, x if residual is None else residual, y, rms_norm_eps(x.dtype), N, K, norm_input, relu2,
             residual is not None, block_n, block_k, num_warps=warps)
         return y
 
     @triton.jit
     def _attention_block_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, T: tl.constexpr,
-                                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+                                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                                BLOCK: tl.constexpr):
         """One (row, head, block of positions): the block's max score, softmax denominator and weighted values."""
         bh, block = tl.program_id(0), tl.program_id(1)
         n_blocks = tl.num_programs(1)
@@ -102,17 +103,19 @@ if triton is not None:
         out = bh * n_blocks + block
         t = block * BLOCK + tl.arange(0, BLOCK)
         visible = t < valid
-        d = tl.arange(0, D)
-        q = tl.load(q_ptr + bh * D + d).to(tl.float32)
+        d = tl.arange(0, BLOCK_D)  # head sizes that are not a power of two are padded and masked
+        d_ok = d < D
+        q = tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32)
         kv = kv_head * T * D + t[:, None] * D + d[None, :]
-        k = tl.load(k_ptr + kv, mask=visible[:, None], other=0.0).to(tl.float32)
+        kv_ok = visible[:, None] & d_ok[None, :]
+        k = tl.load(k_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
         scores = tl.where(visible, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
         m = tl.max(scores, axis=0)
         p = tl.where(visible, tl.exp(scores - m), 0.0)
-        v = tl.load(v_ptr + kv, mask=visible[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
         tl.store(m_ptr + out, m)
         tl.store(l_ptr + out, tl.sum(p, axis=0))
-        tl.store(acc_ptr + out * D + d, tl.sum(p[:, None] * v, axis=0))
+        tl.store(acc_ptr + out * D + d, tl.sum(p[:, None] * v, axis=0), mask=d_ok)
 
     def _triton_decode_attention(q, k_cache, v_cache, pos):
         B, H, _, D = q.shape
@@ -122,7 +125,8 @@ if triton is not None:
         l = torch.empty_like(m)
         acc = torch.empty(B, H, n_blocks, D, dtype=torch.float32, device=q.device)
         _attention_block_kernel[(B * H, n_blocks)](
-            q, k_cache, v_cache, pos, m, l, acc, 1.0 / math.sqrt(D), T, H, H // k_cache.size(1), D, ATTENTION_BLOCK)
+            q.contiguous(), k_cache, v_cache, pos, m, l, acc, 1.0 / math.sqrt(D), T, H, H // k_cache.size(1), D,
+            triton.next_power_of_2(D), ATTENTION_BLOCK)
         # blocks past the position hold max -inf and weigh 0; the first block always holds position 0
         weight = torch.exp(m - m.amax(dim=-1, keepdim=True))
         y = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]
