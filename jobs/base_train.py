@@ -92,7 +92,8 @@ def train_step(model, optimizers, batches, grad_accum_steps: int, autocast_ctx) 
 
 
 def main(argv=None) -> None:
-    from vibechat.dataloader import tokenizing_distributed_data_loader, tokenizing_distributed_data_loader_with_state
+    from vibechat.dataloader import (prefetched, tokenizing_distributed_data_loader,
+                                     tokenizing_distributed_data_loader_with_state)
     from vibechat.report import get_report
     from vibechat.tokenizer import get_token_bytes, get_tokenizer
 
@@ -138,8 +139,8 @@ def main(argv=None) -> None:
     optimizers = make_optimizers(model, args)
     loader_state = restore_training_state(optimizers, optim_data)
     train_model = compiled(model, args.compile, device)
-    train_batches = ResumableBatches(tokenizing_distributed_data_loader_with_state(
-        B, T, "train", device=device, resume_state=loader_state), loader_state)
+    train_batches = ResumableBatches(prefetched(tokenizing_distributed_data_loader_with_state(
+        B, T, "train", device=device, resume_state=loader_state)), loader_state)
     metrics = MetricsLogger("base")
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
     peak = peak_flops(device)

@@ -147,3 +147,23 @@ def test_a_dataset_without_shards_is_an_error_saying_what_to_run(tokenizer, monk
     monkeypatch.setenv("VIBECHAT_DATASET", "nothing-here")
     with pytest.raises(VibechatError, match="python -m jobs.data --dataset nothing-here"):
         next(loader(tokenizer))
+
+
+def test_prefetched_yields_the_same_items_in_order():
+    from vibechat.dataloader import prefetched
+
+    assert list(prefetched(iter(range(100)), depth=3)) == list(range(100))
+
+
+def test_prefetched_raises_the_producers_error_where_it_happened():
+    from vibechat.dataloader import DataError, prefetched
+
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("shard 3 is corrupt")
+
+    items = prefetched(failing())
+    assert [next(items), next(items)] == [1, 2]
+    with pytest.raises(DataError, match="shard 3 is corrupt"):
+        next(items)

@@ -130,3 +130,32 @@ def tokenizing_distributed_data_loader(
         B, T, split, tokenizer_threads, tokenizer_batch_size, **kwargs
     ):
         yield inputs, targets
+
+
+def prefetched(batches: Iterator, depth: int = 2) -> Iterator:
+    """The items of `batches`, produced by a background thread up to `depth` ahead: the next batch is tokenized
+    and copied while the device runs the current step, instead of after the step's host sync. Order, and so
+    any state an item carries, is unchanged; an error in the producer is raised at the item it would have been."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in batches:
+                items.put((item, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            items.put((done, error))
+            return
+        items.put((done, None))
+
+    threading.Thread(target=produce, daemon=True, name="vibechat-prefetch").start()
+    while True:
+        item, error = items.get()
+        if error is not None:
+            raise error
+        if item is done:
+            return
+        yield item
