@@ -150,6 +150,20 @@ def test_decode_at_a_device_position_over_the_whole_preallocated_cache_gives_the
 
 
 @torch.inference_mode()
+def test_a_step_redone_at_the_same_position_replaces_the_one_before_in_the_cache():
+    model = random_gpt()
+    forward = fused_step(model)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    cache = KVCache(1, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
+    model(ids[:, :10], kv_cache=cache)
+    step_cache = _StepCache(cache, torch.tensor([10]))
+    forward(torch.tensor([[(ids[0, 10].item() + 1) % VOCAB]]), step_cache)  # a token that tool output overrides
+    step_cache.pos.sub_(1)
+    forward(ids[:, 10:11], step_cache)
+    torch.testing.assert_close(forward(ids[:, 11:12], step_cache), model(ids)[:, 11], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
 def test_fused_step_in_bfloat16_stays_within_rounding_of_the_full_forward():
     model = random_gpt()
     ids = torch.randint(0, VOCAB, (2, 16))

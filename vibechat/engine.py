@@ -6,9 +6,10 @@ on the device, so every step has the same shapes: on CUDA the step is compiled a
 once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT
 the step is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode
 dtype, Triton kernels from vibechat.decode_ops on CUDA). The step samples too (Gumbel-max over the top_k
-logits, with uniform noise drawn from the request's seeded generator before each step), so a token costs two
-launches: the noise and the graph. The one host sync per step is reading the new token column, which the
-stream yields and tool use inspects.
+logits, with uniform noise drawn from the request's seeded generator before each step), so a token costs three
+launches: the noise, the graph and the copy of its column to the host. The host runs one column behind: it
+reads and yields column t (the one host sync per step) while the GPU computes column t+1; when tool output
+overrides column t, the cache position steps back one and column t+1 is computed again.
 """
 
 from collections import deque
@@ -153,9 +154,8 @@ def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _S
         q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
         k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
-        cache.cache.k[layer][:, :, pos] = k
-        cache.cache.v[layer][:, :, pos] = v.view(B, H_kv, 1, D)
-        y = decode_attention(q, cache.cache.k[layer], cache.cache.v[layer], pos)
+        keys, values = cache.insert_kv(layer, k, v.view(B, H_kv, 1, D))
+        y = decode_attention(q, keys, values, pos)
         x = linear(y.view(B, H * D), o, residual=x)
         x = linear(linear(x, fc, norm_input=True, relu2=True), proj, residual=x)
     logits = linear(x, weights.lm_head, norm_input=True).float()
@@ -191,9 +191,9 @@ def _cuda_graph(fn):
 
 
 class _Decoder:
-    """The decode step at one batch size, cache length and top_k: feeds `tokens` at `pos`, samples the next
-    column into `tokens` with `noise` (refilled by the caller) at `temperature`, and advances `pos`. Its buffers
-    live as long as the Engine, at fixed addresses, as a captured graph needs."""
+    """The decode step at one batch size, cache length and top_k: advance() feeds `tokens` at `pos`, samples
+    the next column into `tokens` at `temperature` and moves `pos` on. Its buffers live as long as the Engine,
+    at fixed addresses, as a captured graph needs."""
 
     def __init__(self, model, batch_size: int, seq_len: int, top_k: int, dtype: torch.dtype, device: torch.device,
                  cuda_graph: bool):
