@@ -84,8 +84,9 @@ if triton is not None:
     def _triton_gemv(x, weight, norm_input, relu2, residual):
         N, K = weight.shape
         y = torch.empty(1, N, dtype=weight.dtype, device=x.device)
-        # measured on an H100 at d20 (docs/benchmarks.md): long rows want fewer of them per program
-        block_n, block_k, warps = (2, 512, 8) if K >= 4096 else (4, 256, 4)
+        # swept on an H100 at d20 (docs/gpu_notes.md): with no more rows than columns, one row per program keeps
+        # enough programs in flight; with many rows, four share a program
+        block_n, block_k, warps = (1, 1024, 4) if N <= K else (4, 256, 4)
         _gemv_kernel[(triton.cdiv(N, block_n),)](
             x.contiguous(), weight, x if residual is None else residual, y, rms_norm_eps(x.dtype), N, K, norm_input, relu2,
             residual is not None, block_n, block_k, num_warps=warps)
