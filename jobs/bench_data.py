@@ -52,8 +52,8 @@ def bench_loader(tokenizer, B: int, T: int, threads: int, steps: int, device: st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Tokenizer training and data loader throughput on this machine.")
     parser.add_argument("--vocab-sizes", default="4096,16384", help="comma-separated vocabulary sizes to train")
-    parser.add_argument("--batch-size", type=int, default=32, help="B of the loader")
-    parser.add_argument("--seq-len", type=int, default=2048, help="T of the loader")
+    parser.add_argument("--batch-size", type=positive_int, default=32, help="B of the loader")
+    parser.add_argument("--seq-len", type=positive_int, default=2048, help="T of the loader")
     parser.add_argument("--threads", default="1,2,4", help="comma-separated tokenizer_threads to try")
     parser.add_argument("--steps", type=positive_int, default=20, help="batches timed per loader setting")
     parser.add_argument("--device", default="cpu", help="where the loader puts batches: cpu or cuda")

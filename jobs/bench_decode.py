@@ -111,8 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=20, help="model depth (default: 20)")
-    parser.add_argument("--vocab-size", type=int, default=65536, help="(default: 65536)")
-    parser.add_argument("--sequence-len", type=int, default=2048, help="model context (default: 2048)")
+    parser.add_argument("--vocab-size", type=positive_int, default=65536, help="(default: 65536)")
+    parser.add_argument("--sequence-len", type=positive_int, default=2048, help="model context (default: 2048)")
     parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="(default: 128)")
     parser.add_argument("--new-tokens", type=positive_int, default=256,
                         help="tokens generated per sample (default: 256)")

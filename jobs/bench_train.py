@@ -17,7 +17,7 @@ import torch
 
 from jobs.base_train import peak_flops, train_step
 from jobs.phase import grad_accumulation, step_optimizers
-from vibechat.common import autocast_dtype, compute_init, output_file, positive_int, run_main, synchronize
+from vibechat.common import autocast_dtype, compute_init, nonnegative_int, output_file, positive_int, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 
 
@@ -27,9 +27,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-seq-len", type=positive_int, default=2048)
     p.add_argument("--device-batch-size", type=positive_int, default=32)
     p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (default: one micro-batch)")
-    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--vocab-size", type=positive_int, default=65536)
     p.add_argument("--steps", type=positive_int, default=10, help="timed optimizer steps")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--warmup", type=nonnegative_int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--compile", choices=["on", "off"], default="on")
     p.add_argument("--device", default=None)
     p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",

@@ -22,6 +22,7 @@ def test_bench_decode_checks_then_times_each_method_on_cpu(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("argv, message", [
     (["--runs=0"], "--runs: 0 must be at least 1"),
+    (["--vocab-size=0"], "--vocab-size: 0 must be at least 1"),
     (["--out=/no/such/folder/decode.json"], "folder /no/such/folder does not exist"),
 ])
 def test_a_zero_count_or_an_unwritable_output_is_one_usage_error(argv, message, monkeypatch, capsys):

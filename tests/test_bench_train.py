@@ -35,6 +35,8 @@ def test_kernel_kind_sorts_h100_kernel_names():
 @pytest.mark.parametrize("argv, message", [
     (["--device-batch-size=0"], "--device-batch-size: 0 must be at least 1"),
     (["--steps=0"], "--steps: 0 must be at least 1"),
+    (["--warmup=-1"], "--warmup: -1 must be at least 0"),
+    (["--vocab-size=0"], "--vocab-size: 0 must be at least 1"),
     (["--profile=/no/such/folder/profile.txt"], "folder /no/such/folder does not exist"),
 ])
 def test_bad_arguments_are_one_usage_error_before_any_work(argv, message, capsys):

@@ -123,6 +123,13 @@ def test_chunked_prefill_gives_the_full_forward_logits():
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def prefilled(model: GPT, prompt: torch.Tensor, seq_len: int = 256) -> _StepCache:
+    """A decode cache of seq_len slots holding the (B, T) prompt, as a step sees it: at position T."""
+    cache = KVCache(prompt.size(0), num_heads=2, seq_len=seq_len, head_dim=8, num_layers=2)
+    model(prompt, kv_cache=cache)
+    return _StepCache(cache, torch.tensor([prompt.size(1)]))
+
+
 def forward_step(model: GPT):
     return partial(_forward_step, model)
 
@@ -154,9 +161,7 @@ def test_a_step_redone_at_the_same_position_replaces_the_one_before_in_the_cache
     model = random_gpt()
     forward = fused_step(model)
     ids = torch.randint(0, VOCAB, (1, 12))
-    cache = KVCache(1, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
-    model(ids[:, :10], kv_cache=cache)
-    step_cache = _StepCache(cache, torch.tensor([10]))
+    step_cache = prefilled(model, ids[:, :10])
     forward(torch.tensor([[(ids[0, 10].item() + 1) % VOCAB]]), step_cache)  # a token that tool output overrides
     step_cache.pos.sub_(1)
     forward(ids[:, 10:11], step_cache)
@@ -168,10 +173,8 @@ def test_fused_step_in_bfloat16_stays_within_rounding_of_the_full_forward():
     model = random_gpt()
     ids = torch.randint(0, VOCAB, (2, 16))
     full = model(ids)
-    cache = KVCache(2, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        model(ids[:, :15], kv_cache=cache)
-        logits = fused_step(model, torch.bfloat16)(ids[:, 15:], _StepCache(cache, torch.tensor([15])))
+        logits = fused_step(model, torch.bfloat16)(ids[:, 15:], prefilled(model, ids[:, :15]))
     torch.testing.assert_close(logits, full[:, 15], atol=0.1, rtol=0)
 
 
@@ -195,9 +198,7 @@ def test_decode_step_compiles_to_one_graph_that_matches_eager_at_every_batch_and
     for batch_size, seq_len in [(1, 256), (3, 512), (2, 768)]:  # new shapes recompile, then go dynamic
         ids = torch.randint(0, VOCAB, (batch_size, 16))
         full = model(ids)
-        cache = KVCache(batch_size, num_heads=2, seq_len=seq_len, head_dim=8, num_layers=2)
-        model(ids[:, :10], kv_cache=cache)
-        step_cache = _StepCache(cache, torch.tensor([10]))
+        step_cache = prefilled(model, ids[:, :10], seq_len)
         logits = [compiled(model.config, weights, ids[:, t:t + 1].clone(), step_cache) for t in range(10, 16)]
         torch.testing.assert_close(torch.stack(logits, dim=1), full[:, 10:], atol=1e-5, rtol=1e-5)
 
@@ -268,9 +269,7 @@ def test_decode_and_sample_compiles_to_the_eager_draws_from_the_same_noise():
     noise, temperature = torch.rand(3, 5), torch.tensor([0.7])
     drawn = []
     for step in (compiled, _decode_and_sample):
-        cache = KVCache(3, num_heads=2, seq_len=256, head_dim=8, num_layers=2)
-        model(ids[:, :9], kv_cache=cache)
-        drawn.append(step(forward, ids[:, 9:].clone(), _StepCache(cache, torch.tensor([9])), noise, temperature, 5))
+        drawn.append(step(forward, ids[:, 9:].clone(), prefilled(model, ids[:, :9]), noise, temperature, 5))
     assert torch.equal(drawn[0], drawn[1])
 
 

@@ -20,15 +20,24 @@ class VibechatError(Exception):
     """An error whose message tells the user what is wrong and what to do; printed without a traceback."""
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count: an integer of at least 1 (2e9 is fine); else a one-line usage error."""
+def _int_at_least(text: str, minimum: int) -> int:
     try:
-        value = int(float(text))
+        value = int(float(text))  # 2e9 is fine
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text} must be at least {minimum}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer of at least 1; else a one-line usage error."""
+    return _int_at_least(text, 1)
+
+
+def nonnegative_int(text: str) -> int:
+    """argparse type of a count that may be 0 (warm-up steps, say); else a one-line usage error."""
+    return _int_at_least(text, 0)
 
 
 def output_file(text: str) -> str:

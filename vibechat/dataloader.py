@@ -5,6 +5,8 @@ Ranks share the work by row group: rank r of W reads row groups r, r + W, r + 2W
 The train split loops over its shards forever (epochs); so does val.
 """
 
+import queue
+import threading
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -136,9 +138,6 @@ def prefetched(batches: Iterator, depth: int = 2) -> Iterator:
     """The items of `batches`, produced by a background thread up to `depth` ahead: the next batch is tokenized
     and copied while the device runs the current step, instead of after the step's host sync. Order, and so
     any state an item carries, is unchanged; an error in the producer is raised at the item it would have been."""
-    import queue
-    import threading
-
     items: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
 

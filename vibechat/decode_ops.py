@@ -16,6 +16,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from vibechat.gpt import norm
+
 try:
     import triton
     import triton.language as tl
@@ -25,10 +27,6 @@ except ImportError:  # CPU-only installs: every op takes its PyTorch path
 ATTENTION_BLOCK = 64  # cache positions per attention program
 
 
-def rms_norm_eps(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).eps  # what F.rms_norm uses when given none, as the model's norm is
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu2: bool = False,
            residual: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K) x (N, K) weight -> (B, N): weight @ rmsnorm(x) if norm_input, then relu(.)² if relu2, then
@@ -36,7 +34,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu
     if triton is not None and x.is_cuda and x.size(0) == 1:
         return _triton_gemv(x, weight, norm_input, relu2, residual)
     if norm_input:
-        x = F.rms_norm(x, (x.size(-1),))
+        x = norm(x)
     y = F.linear(x, weight)
     if relu2:
         y = F.relu(y).square()
@@ -87,8 +85,9 @@ if triton is not None:
         # swept on an H100 at d20 (docs/gpu_notes.md): with no more rows than columns, one row per program keeps
         # enough programs in flight; with many rows, four share a program
         block_n, block_k, warps = (1, 1024, 4) if N <= K else (4, 256, 4)
+        eps = torch.finfo(x.dtype).eps  # F.rms_norm's default, which the model's norm uses
         _gemv_kernel[(triton.cdiv(N, block_n),)](
-            x.contiguous(), weight, x if residual is None else residual, y, rms_norm_eps(x.dtype), N, K, norm_input, relu2,
+            x.contiguous(), weight, x if residual is None else residual, y, eps, N, K, norm_input, relu2,
             residual is not None, block_n, block_k, num_warps=warps)
         return y
 
