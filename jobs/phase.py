@@ -13,6 +13,7 @@ from vibechat.checkpoint_manager import (build_model, find_largest_model, find_l
                                          load_optimizer_state, save_checkpoint)
 from vibechat.common import VibechatError, autocast_dtype, compute_cleanup, get_base_dir, print0
 from vibechat.gpt import GPT
+from vibechat.layout import checkpoint_dir, join
 from vibechat.loss_eval import evaluate_bpb
 from vibechat.tokenizer import RustBPETokenizer, get_tokenizer
 
@@ -67,7 +68,7 @@ def compiled(model: GPT, choice: str, device: torch.device):
 
 def checkpoint_root(phase: str) -> str:
     """Where a phase's checkpoints live, one folder per model tag."""
-    return f"{get_base_dir().rstrip('/')}/checkpoints/{phase}"
+    return join(get_base_dir(), checkpoint_dir(phase))
 
 
 def largest_model_tag(phase: str) -> str | None:
