@@ -286,13 +286,18 @@ def write_folder(folder: str, model_state: dict, config: GPTConfig, tokenizer: R
             f.write(text)
 
 
-def check_out_empty(out: Store) -> None:
+def prepare_out(out: Store) -> None:
+    """--out must be empty or absent; what a cut-short export left there (its files without config.json, the
+    commit mark written last) is removed, so a restarted export phase goes on."""
     if isinstance(out, LocalStore) and os.path.exists(out.root) and not os.path.isdir(out.root):
         raise ExportError(f"--out {out.url} is a file: give a folder that is empty or absent")
     found = out.list("")
-    if found:
-        state = ("an export" if "config.json" in found else
-                 "an incomplete export (no config.json)" if set(found) <= set(FILES) else "other files")
+    if found and set(found) <= set(FILES) - {"config.json"}:
+        print0(f"removing an incomplete export from {out.url}: {', '.join(sorted(found))}")
+        for name in found:
+            out.delete(name)
+    elif found:
+        state = "an export" if "config.json" in found else "other files"
         raise ExportError(f"--out {out.url} is not empty (it holds {state}, e.g. {sorted(found)[0]}): "
                           "choose a new folder or delete it first")
 
@@ -319,7 +324,7 @@ def publish(folder: str, out: Store) -> None:
 def export(source: str, model_tag: str | None, step: int | None, out_url: str) -> str:
     """Write <source>'s checkpoint (largest model, newest step by default) to out_url; returns what was written."""
     out = open_store(out_url)
-    check_out_empty(out)
+    prepare_out(out)
     root = f"{get_base_dir().rstrip('/')}/checkpoints/{source}"
     try:
         model_tag = model_tag or find_largest_model(root)

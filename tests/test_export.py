@@ -275,6 +275,16 @@ def test_an_existing_export_is_not_overwritten(tiny):
     assert {name: os.path.getmtime(f"{tiny.out}/{name}") for name in os.listdir(tiny.out)} == before
 
 
+def test_what_a_cut_short_export_left_is_replaced(tiny, tmp_path):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"half")  # an upload killed before config.json, the last file
+    result = export_cli(tiny.base, "--source", "sft", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert f"removing an incomplete export from {out}: model.safetensors" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 2
+
+
 def test_an_architecture_the_format_cannot_express_is_one_error_naming_the_field(tmp_path):
     base = str(tmp_path)
     save_tokenizer(base, 300)
