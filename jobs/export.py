@@ -34,7 +34,7 @@ from vibechat.common import VibechatError, get_base_dir, nonnegative_int, print0
 from vibechat.gpt import SOFTCAP, GPTConfig
 from vibechat.report import stage_scores, summary_table
 from vibechat.storage import LocalStore, Store, open_store
-from vibechat.tokenizer import (BYTE_OF_CHAR, SPECIAL_TOKENS, RustBPETokenizer, TokenizerError, default_tokenizer_dir,
+from vibechat.tokenizer import (BYTE_OF_CHAR, RustBPETokenizer, TokenizerError, default_tokenizer_dir,
                                 save_token_bytes)
 
 ROPE_THETA = 10000.0  # vibechat.gpt.GPT._rotary_tables' base
@@ -44,7 +44,7 @@ EXPORT_DIR = "export/hf"  # under the run's base dir: where the pipeline's expor
 FILES = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          "generation_config.json", "README.md", "config.json"]  # config.json last: a folder without it is no model
 
-# vibechat's weight names -> NanoChat's, per block ("{}" is the layer) and for the whole model
+# vibechat's weight names -> NanoChat's: in each block (under transformer.h.<i>. / model.layers.<i>.), and outside
 BLOCK_WEIGHTS = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
                  "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
 MODEL_WEIGHTS = {"transformer.wte.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}
@@ -119,7 +119,9 @@ def hf_config(config: GPTConfig, tokenizer: RustBPETokenizer, dtype: torch.dtype
 def gpt_config(hf: dict, where: str) -> GPTConfig:
     """The GPTConfig of a NanoChat config.json; a setting vibechat's GPT cannot express is an error naming it."""
     def need(field: str, expected, ok=None) -> None:
-        value = hf.get(field, expected)
+        if field not in hf:  # transformers' default for it may not be vibechat's
+            raise ExportError(f"{where}: {field} is missing; vibechat's GPT needs {expected!r}")
+        value = hf[field]
         if not (ok(value) if ok else value == expected):
             raise ExportError(f"{where}: {field} = {value!r} cannot be expressed by vibechat's GPT, which needs "
                               f"{expected!r}")
@@ -130,7 +132,8 @@ def gpt_config(hf: dict, where: str) -> GPTConfig:
             raise ExportError(f"{where}: {field} must be a positive integer, not {hf.get(field)!r}")
     width, heads = hf["hidden_size"], hf["num_attention_heads"]
     need("intermediate_size", 4 * width)
-    need("head_dim", width // heads)
+    if "head_dim" in hf:  # else transformers takes hidden_size / num_attention_heads, as vibechat does
+        need("head_dim", width // heads)
     need("hidden_act", "relu2")
     need("rms_norm_eps", RMS_NORM_EPS, lambda v: isinstance(v, float) and abs(v - RMS_NORM_EPS) < 1e-12)
     need("rope_parameters", {"rope_type": "default", "rope_theta": ROPE_THETA},
@@ -387,7 +390,11 @@ def read_folder(folder: str) -> tuple[dict, GPTConfig, RustBPETokenizer]:
         raise ExportError(f"{store.uri('model.safetensors')} {problem} a NanoChat model of config.json "
                           f"({config.n_layer} layers) {'does not have' if unknown else 'needs'}")
     tokenizer = tokenizer_from_json(contents["tokenizer.json"].decode("utf-8"), store.uri("tokenizer.json"))
-    return {names[k]: v for k, v in tensors.items()}, config, tokenizer
+    if tokenizer.get_vocab_size() != config.vocab_size:  # load_model wants them equal: vibechat pads no vocabulary
+        raise ExportError(f"{store.uri('tokenizer.json')} has {tokenizer.get_vocab_size()} tokens but config.json's "
+                          f"vocab_size is {config.vocab_size}: vibechat's GPT needs them equal")
+    # vibechat trains float32 weights under autocast: a bf16 folder from elsewhere comes back as float32
+    return {names[k]: v.float() for k, v in tensors.items()}, config, tokenizer
 
 
 def import_folder(folder: str, source: str, model_tag: str | None, step: int | None) -> str:

@@ -321,6 +321,15 @@ def test_importing_a_config_vibechat_cannot_express_names_the_field(tiny, tmp_pa
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_importing_a_folder_without_weights_names_the_missing_file(tiny, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(open(f"{tiny.out}/config.json", "rb").read())
+    result = export_cli(str(tmp_path / "run"), "--import", str(folder), "--source", "sft")
+    assert_one_error(result, f"{folder}/model.safetensors is missing: --import takes a folder written by "
+                             "python -m jobs.export")
+
+
 def test_importing_into_a_run_with_another_tokenizer_is_refused(tiny, tmp_path):
     base = str(tmp_path)
     save_tokenizer(base, 300)
