@@ -24,12 +24,12 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
-from vibechat.checkpoint_manager import (PHASE_PROGRAMS, build_model, find_largest_model, find_last_step,
-                                         load_checkpoint, save_checkpoint)
+from jobs.phase import load_eval_model
+from vibechat.checkpoint_manager import PHASE_PROGRAMS, build_model, find_largest_model, find_last_step, save_checkpoint
 from vibechat.common import VibechatError, get_base_dir, nonnegative_int, print0, run_main
 from vibechat.gpt import SOFTCAP, GPTConfig
 from vibechat.report import stage_scores, summary_table
@@ -44,6 +44,9 @@ EXPORT_DIR = "export/hf"  # under the run's base dir: where the pipeline's expor
 FILES = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          "generation_config.json", "README.md", "config.json"]  # config.json last: a folder without it is no model
 
+# GPTConfig field -> config.json field; a model_config field not here has no counterpart in the format
+CONFIG_FIELDS = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_size", "n_layer": "num_hidden_layers",
+                 "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size"}
 # vibechat's weight names -> NanoChat's: in each block (under transformer.h.<i>. / model.layers.<i>.), and outside
 BLOCK_WEIGHTS = {"attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
                  "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
@@ -94,14 +97,9 @@ def hf_config(config: GPTConfig, tokenizer: RustBPETokenizer, dtype: torch.dtype
     return {
         "architectures": ["NanoChatForCausalLM"],
         "model_type": "nanochat",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
+        **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()},
         "intermediate_size": 4 * config.n_embd,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
         "head_dim": config.n_embd // config.n_head,
-        "max_position_embeddings": config.sequence_len,
         "hidden_act": "relu2",
         "rms_norm_eps": RMS_NORM_EPS,
         "rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA},
@@ -127,7 +125,7 @@ def gpt_config(hf: dict, where: str) -> GPTConfig:
                               f"{expected!r}")
 
     need("model_type", "nanochat")
-    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings"):
+    for field in CONFIG_FIELDS.values():
         if not isinstance(hf.get(field), int) or hf[field] < 1:
             raise ExportError(f"{where}: {field} must be a positive integer, not {hf.get(field)!r}")
     width, heads = hf["hidden_size"], hf["num_attention_heads"]
@@ -141,9 +139,7 @@ def gpt_config(hf: dict, where: str) -> GPTConfig:
     need("final_logit_softcapping", SOFTCAP)
     need("attention_bias", False)
     need("tie_word_embeddings", False)
-    return GPTConfig(sequence_len=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
-                     n_layer=hf["num_hidden_layers"], n_head=heads,
-                     n_kv_head=hf.get("num_key_value_heads") or heads, n_embd=width)
+    return GPTConfig(**{ours: hf[theirs] for ours, theirs in CONFIG_FIELDS.items()})
 
 
 def weight_names(n_layer: int) -> dict[str, str]:
@@ -157,11 +153,10 @@ def weight_names(n_layer: int) -> dict[str, str]:
 
 def check_model_config(model_config: dict, where: str) -> None:
     """Every field of a checkpoint's model_config has a NanoChat counterpart; else an error naming the field."""
-    known = {f.name for f in fields(GPTConfig)}
-    extra = sorted(set(model_config) - known)
+    extra = sorted(set(model_config) - set(CONFIG_FIELDS))
     if extra:
         raise ExportError(f"{where}: model_config field {extra[0]!r} (= {model_config[extra[0]]!r}) has no "
-                          f"counterpart in the transformers NanoChat format, which expresses only {sorted(known)}")
+                          f"counterpart in the transformers NanoChat format, which expresses {', '.join(CONFIG_FIELDS)}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,21 +323,9 @@ def export(source: str, model_tag: str | None, step: int | None, out_url: str) -
     """Write <source>'s checkpoint (largest model, newest step by default) to out_url; returns what was written."""
     out = open_store(out_url)
     prepare_out(out)
-    root = f"{get_base_dir().rstrip('/')}/checkpoints/{source}"
-    try:
-        model_tag = model_tag or find_largest_model(root)
-        checkpoint_dir = f"{root}/{model_tag}"
-        step = find_last_step(checkpoint_dir) if step is None else step
-    except FileNotFoundError:
-        raise ExportError(f"no {source!r} checkpoint in {root}: run the {source} phase first "
-                          f"(python -m {PHASE_PROGRAMS[source]}) or point VIBECHAT_STORE/VIBECHAT_RUN at its run") from None
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, "cpu")
-    check_model_config(meta.get("model_config", {}), f"{checkpoint_dir} step {step}")
-    model = build_model(model_data, meta, "cpu", "eval")
-    tokenizer = RustBPETokenizer.from_directory(default_tokenizer_dir())
-    if tokenizer.get_vocab_size() > model.config.vocab_size:
-        raise ExportError(f"the run's tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
-                          f"vocab_size {model.config.vocab_size}: it is another run's tokenizer")
+    model, tokenizer, meta, model_tag = load_eval_model(source, model_tag, step, torch.device("cpu"))
+    where = f"{source} model {model_tag} step {meta['step']}"
+    check_model_config(meta["model_config"], where)
     parent = os.path.dirname(out.root) if isinstance(out, LocalStore) else None
     if parent:
         os.makedirs(parent, exist_ok=True)
@@ -353,7 +336,7 @@ def export(source: str, model_tag: str | None, step: int | None, out_url: str) -
         publish(folder, out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return f"{checkpoint_dir} step {step}"
+    return where
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -285,15 +285,24 @@ def test_what_a_cut_short_export_left_is_replaced(tiny, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(str(out)).config.num_hidden_layers == 2
 
 
-def test_an_architecture_the_format_cannot_express_is_one_error_naming_the_field(tmp_path):
+def test_a_checkpoint_of_another_architecture_is_one_error_naming_the_field(tmp_path):
     base = str(tmp_path)
     save_tokenizer(base, 300)
     config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
-    save_random_model(base, "sft", config, window_pattern="SSSL")
+    save_random_model(base, "sft", config, window_pattern="SSSL")  # say, nanochat's sliding windows
     result = export_cli(base, "--source", "sft", "--out", f"{base}/hf")
-    assert_one_error(result, f"{base}/checkpoints/sft/d1 step 0: model_config field 'window_pattern' (= 'SSSL') has "
-                             "no counterpart in the transformers NanoChat format")
+    assert_one_error(result, "checkpoint model_config field 'window_pattern' (= 'SSSL') is not one of this "
+                             "vibechat's GPTConfig")
     assert sorted(os.listdir(base)) == ["checkpoints", "tokenizer"]
+
+
+def test_a_model_setting_the_format_cannot_express_is_one_error_naming_the_field(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBECHAT_BASE_DIR", tiny.base)
+    monkeypatch.delitem(jobs.export.CONFIG_FIELDS, "n_kv_head")  # as if NanoChat had no grouped-query attention
+    with pytest.raises(VibechatError, match="sft model d2 step 0: model_config field 'n_kv_head' \\(= 2\\) has no "
+                                            "counterpart in the transformers NanoChat format"):
+        export("sft", None, None, str(tmp_path / "hf"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_failure_while_writing_leaves_nothing_at_out(tiny, tmp_path, monkeypatch):
