@@ -451,6 +451,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race for the same --out
+        raise ExportError("export runs as one process: give its phase nproc_per_node 1 and nnodes 1")
     if args.import_dir is not None:
         what = import_folder(args.import_dir, args.source, args.model_tag, args.step)
         print0(f"imported {args.import_dir} as {what}")

@@ -347,6 +347,13 @@ def test_importing_into_a_run_with_another_tokenizer_is_refused(tiny, tmp_path):
     assert sorted(os.listdir(base)) == ["tokenizer"]
 
 
+def test_export_under_several_ranks_is_refused(tiny, tmp_path):
+    result = run_phase("jobs.export", ["--source", "sft", "--out", str(tmp_path / "hf")],
+                       {"VIBECHAT_BASE_DIR": tiny.base, "WORLD_SIZE": "2"})
+    assert_one_error(result, "export runs as one process: give its phase nproc_per_node 1 and nnodes 1")
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--import", "x"], "--import needs --source"),
     (["--import", "x", "--out", "y", "--source", "sft"], "--import and --out do not go together"),
