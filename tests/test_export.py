@@ -220,7 +220,7 @@ def test_export_then_import_round_trips_the_weights_exactly(tiny, tmp_path):
     assert all(torch.equal(model_data[k], original[k]) for k in original)
     assert meta["model_config"] == asdict(tiny.model.config)
     tokenizer = RustBPETokenizer.from_directory(f"{base}/tokenizer")  # the run had none: it is the folder's
-    assert tokenizer.encode(UNICODE_TEXTS[2]) == tiny.tokenizer.encode(UNICODE_TEXTS[2])
+    assert tokenizer.enc.__getstate__() == tiny.tokenizer.enc.__getstate__()  # ranks, specials, split pattern
     assert os.path.exists(f"{base}/tokenizer/token_bytes.pt")
 
 
