@@ -38,7 +38,7 @@ K8S_VERSIONS = ["1.35", "1.36", "1.37"]  # the minor versions upstream supports 
 STORE = "s3://vibechat/store"
 
 GPU_PROGRAMS = ["base_train", "base_eval", "mid_train", "chat_sft", "chat_rl", "chat_eval"]
-CPU_PROGRAMS = ["data", "tok_train", "tok_eval", "report"]
+CPU_PROGRAMS = ["data", "tok_train", "tok_eval", "export", "report"]
 RUN_ID = "run-261125-093000"  # the shape of the controller's default run ids
 
 
