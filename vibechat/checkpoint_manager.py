@@ -9,7 +9,6 @@ the SHA-256 of every file of its step under "files"; loading a file checks it, s
 the file, never a silently different model. checkpoint_dir may be a local path, file:// or s3:// URL.
 """
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -78,10 +77,10 @@ def _meta_problem(meta) -> str | None:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"has step {step!r}, not a step number"
     config = meta.get("model_config")
-    fields = {f.name for f in dataclasses.fields(GPTConfig)}
-    if not isinstance(config, dict) or not set(config) <= fields or not all(
+    known = {f.name for f in fields(GPTConfig)}
+    if not isinstance(config, dict) or not set(config) <= known or not all(
             isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in config.values()):
-        return f"has model_config {config!r}, not a mapping of {', '.join(sorted(fields))} to positive integers"
+        return f"has model_config {config!r}, not a mapping of {', '.join(sorted(known))} to positive integers"
     files = meta.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
         return f"has files {files!r}, not a mapping of file names to SHA-256 digests"
