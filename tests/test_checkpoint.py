@@ -103,7 +103,7 @@ def test_a_flipped_byte_in_a_committed_checkpoint_is_an_error_naming_the_file(ch
     (b"[1, 2]", "holds a JSON list"),
     (b'{"step": 1}', "has model_config None"),
     (b'{"step": 1, "model_config": {"n_layer": "2"}}', "has model_config"),
-    (b'{"step": 1, "model_config": {"depth": 2}}', "has model_config"),
+    (b'{"step": 1, "model_config": {"n_layer": 0}}', "has model_config"),
     (b'{"step": "1", "model_config": {}}', "has step '1'"),
     (b'{"step": 1, "model_config": {}, "files": [1]}', "has files"),
 ])

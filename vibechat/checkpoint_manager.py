@@ -77,9 +77,9 @@ def _meta_problem(meta) -> str | None:
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         return f"has step {step!r}, not a step number"
     config = meta.get("model_config")
-    known = {f.name for f in fields(GPTConfig)}
-    if not isinstance(config, dict) or not set(config) <= known or not all(
-            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in config.values()):
+    known = {f.name for f in fields(GPTConfig)}  # a field it does not know is build_model's error: another version
+    if not isinstance(config, dict) or not all(isinstance(config[k], int) and not isinstance(config[k], bool)
+                                               and config[k] > 0 for k in known & set(config)):
         return f"has model_config {config!r}, not a mapping of {', '.join(sorted(known))} to positive integers"
     files = meta.get("files", {})
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
