@@ -23,7 +23,7 @@ import sys
 import time
 
 from jobs import pipeline
-from jobs.config import load_config, preset_names
+from jobs.config import check_phase_args, load_config, preset_names
 from jobs.console import Console, duration
 from jobs.driver import OVER, Driver, local_state_dir, make_backend, phase_job, pick_backend, store_flag, store_root
 from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, owner_id, read_run, write_run
@@ -42,7 +42,8 @@ def report_summary(run: pipeline.RunState, store: Store) -> None:
 def cmd_start(args) -> int:
     store = open_store(args.store)
     config = load_config(args.preset, args.config)
-    if args.run_id:
+    check_phase_args(config, f"preset {args.preset}" + (f" with {args.config}" if args.config else ""))
+    if args.run_id is not None:  # "" too: an empty --run-id is a mistake, not a request for a generated one
         check_run_id(args.run_id)
     backend, why = pick_backend(args.backend, store)
     owner = None if args.detach else owner_id()

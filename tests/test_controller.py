@@ -305,6 +305,7 @@ def typo_config(tmp_path) -> str:
     (["start", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["start", "--store", "ftp://host/x"], "unknown scheme 'ftp'"),
     (["start", "--run-id", "Bad_Id"], "run id 'Bad_Id' is not usable"),
+    (["start", "--run-id", ""], "run id '' is not usable"),
     (["start", "--run-id", "r"], "run 'r' already exists"),
     (["start", "--backend", "kubernetes"], "--backend kubernetes needs an s3:// store"),
     (["status", "nope"], "no run 'nope' in store"),
@@ -322,6 +323,26 @@ def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, exis
     assert message in err
     assert open_store(store_url).get_bytes("runs/r/run.json") == existing_run
     assert list_run_ids(open_store(store_url)) == ["r"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: {args: {num_iterations: 0}}", "phases.base.args: argument --num-iterations: 0 is not a number of steps: "
+                                          "give at least 1, or -1 to derive the count"),
+    ("rl: {args: {num_iterations: -5}}", "phases.rl.args: argument --num-iterations: -5 is not a number of steps"),
+    ("base: {args: {depth: four}}", "phases.base.args: argument --depth: invalid int value: 'four'"),
+    ("sft: {args: {learning_rate: 0.1}}", "phases.sft.args: unrecognized arguments: --learning-rate=0.1"),
+    ("data: {args: {shards: 2}}", "phases.data.args: unrecognized arguments: --shards=2"),
+    ("report: {args: {gpu_hour_cost: -1}}", "phases.report.args: --gpu-hour-cost -1.0 is not a price"),
+    ("sft: {module: mylab.my_sft}", "phases.sft.module 'mylab.my_sft' cannot be imported (No module named 'mylab')"),
+])
+def test_a_phase_argument_its_program_rejects_fails_the_start_before_any_phase_runs(text, message, store_url,
+                                                                                      tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("phases: {" + text + "}\n")
+    code, _, err = run_controller_here(["start", "--preset", "ci", "--config", str(path), "--store", store_url],
+                                       capsys)
+    assert code == 2 and err.startswith(f"error: preset ci with {path}: {message}") and err.count("\n") == 1, err
+    assert not os.path.exists(store_url)  # no run, no job: nothing was written
 
 
 def test_a_run_whose_folder_was_deleted_is_a_clear_error(store_url, existing_run, capsys):

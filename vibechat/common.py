@@ -40,6 +40,18 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+AUTO_STEPS = -1  # --num-iterations: derive the step count from the data (or epochs)
+
+
+def steps_or_auto(text: str) -> int:
+    """argparse type of --num-iterations: at least 1 step, or AUTO_STEPS; 0 and other negatives are errors."""
+    value = _int_at_least(text, -2 ** 63)
+    if value < 1 and value != AUTO_STEPS:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of steps: give at least 1, or {AUTO_STEPS} to "
+                                         "derive the count")
+    return value
+
+
 def output_file(text: str) -> str:
     """argparse type of a file a program writes at its end: its folder must exist now, not after the work."""
     folder = os.path.dirname(os.path.abspath(text))
