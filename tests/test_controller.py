@@ -282,6 +282,22 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
     assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
 
 
+def test_a_10_second_s3_outage_mid_phase_is_ridden_out_without_a_resume(own_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = "s3://own/vibechat"
+    config = fake_config(tmp_path, phases=("base",), args={"base": {"steps": 20, "sleep": 0.5}})
+    proc = controller_bg("start", "--preset", "ci", "--config", config, "--run-id", "outage", store=url,
+                         out=tmp_path / "out")
+    wait_for(lambda: checkpoint_step(url, "outage", "base") >= 2, "base to be mid-way")
+    own_s3.stop()
+    time.sleep(10)  # the phase writes a checkpoint every 0.5 s and the controller reads run.json every tick
+    own_s3.start()
+    assert proc.wait(timeout=240) == 0, (tmp_path / "out").read_text()
+    run = run_json(url, "outage")
+    assert run.phases["base"].attempt == 1 and run.phases["base"].failures == 0
+    assert len(trail(url, "outage", "base", "completions")) == 1
+
+
 # --- bad input: one clear error each, exit code 2, run.json intact ------------------------------
 
 @pytest.fixture
