@@ -94,7 +94,8 @@ def cmd_resume(args) -> int:
     while True:
         run, version = read_run(store, args.run_id)
         if pipeline.run_status(run) == pipeline.SUCCEEDED and not args.from_phase:
-            print(f"run {run.run_id} has succeeded already; `resume {run.run_id} --from PHASE` redoes a phase")
+            print(f"run {run.run_id} has succeeded already; `resume {run.run_id} --from PHASE` runs a phase "
+                  "and those after it again")
             return 0
         claim(run, owner, time.time())  # before anything changes: a live driver keeps its run
         backend = make_backend(run, store)
@@ -261,7 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = command("resume", cmd_resume, "go on with a run that failed, was stopped, or lost its controller")
     c.add_argument("run_id", metavar="RUN")
     c.add_argument("--from", dest="from_phase", metavar="PHASE",
-                   help=f"redo this phase and all after it ({', '.join(pipeline.PHASES)})")
+                   help="run this phase and every one after it again; a training phase that has checkpoints "
+                        "continues from its newest (delete runs/RUN/checkpoints/<phase>/ to train it from scratch); "
+                        f"phases: {', '.join(pipeline.PHASES)}")
     c = command("stop", cmd_stop, "cancel a run and stop its running job")
     c.add_argument("run_id", metavar="RUN")
     c = command("logs", cmd_logs, "print the output of a phase")

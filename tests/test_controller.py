@@ -154,6 +154,9 @@ def test_resume_from_a_phase_redoes_it_and_what_follows_only(store_url, tmp_path
     assert len(trail(store_url, "again", "base", "starts")) == 1
     assert len(trail(store_url, "again", "report", "starts")) == 2
 
+    helped = controller("resume", "--help", store=store_url).stdout
+    assert "a training phase that has checkpoints continues from its newest" in " ".join(helped.split())
+
     code, logs, _ = run_controller_here(["logs", "again", "report", "--attempt", "1", "--store", store_url], capsys)
     assert code == 0 and "step 3/3 | loss 1.0000" in logs
     code, listing, _ = run_controller_here(["list", "--store", store_url], capsys)
@@ -359,6 +362,14 @@ def test_a_phase_argument_its_program_rejects_fails_the_start_before_any_phase_r
                                        capsys)
     assert code == 2 and err.startswith(f"error: preset ci with {path}: {message}") and err.count("\n") == 1, err
     assert not os.path.exists(store_url)  # no run, no job: nothing was written
+
+
+def test_status_into_a_closed_pipe_ends_quietly_like_other_tools(store_url, existing_run):
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.controller", "status", "r", "--store", store_url], cwd=REPO,
+                            env=controller_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `| head -1` does once it has its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE and err == ""
 
 
 def test_a_run_whose_folder_was_deleted_is_a_clear_error(store_url, existing_run, capsys):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 logger = logging.getLogger("vibechat")
@@ -182,13 +183,18 @@ class DummyWandb:
 
 
 def run_main(main) -> None:
-    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2."""
+    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2. Output into a closed pipe
+    (`| head -1`) ends the program quietly with the status of a SIGPIPE death, as other command-line tools do."""
     try:
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
     except VibechatError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         compute_cleanup()
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def reduce_scatter_mean(out: torch.Tensor, stacked: torch.Tensor) -> None:
