@@ -20,7 +20,7 @@ from vibechat.loss_eval import evaluate_bpb
 from vibechat.tokenizer import RustBPETokenizer, get_tokenizer
 
 # how a metric shows in a progress line, in the record's order; other metrics are only logged.
-# The local backend reads `step N/M` and `loss X` from these lines.
+# The controller's console (jobs/console.py) folds the `step N/M`, `loss X` and `tok/s Y` of these lines into one.
 LINE_FORMATS = {
     "loss": lambda v: f"loss {v:.4f}",
     "val_bpb": lambda v: f"val bpb {v:.4f}",

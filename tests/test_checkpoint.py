@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.test_gpt import tiny_model
+from tests.model_fixtures import tiny_model
 from vibechat.checkpoint_manager import build_model, find_largest_model, find_last_step, load_checkpoint, save_checkpoint
 from vibechat.common import VibechatError
 from vibechat.storage import open_store
