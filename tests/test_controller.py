@@ -40,7 +40,7 @@ def fake_config(tmp_path, phases=("base", "report"), args=None, max_attempts=2) 
     args = args or {}
     config = {
         "retries": {"max_attempts": max_attempts, "backoff_s": 0.2, "backoff_max_s": 1},
-        "phases": {name: {"module": FAKE, "args": {"phase": name, "steps": 3, **args.get(name, {})}}
+        "phases": {name: {"module": FAKE, "skip": False, "args": {"phase": name, "steps": 3, **args.get(name, {})}}
                    if name in phases else {"skip": True} for name in PHASES},
     }
     path = tmp_path / "fake.yaml"

@@ -233,6 +233,12 @@ def test_run_round_trips_through_json():
     assert again == run
 
 
+def test_a_run_file_from_before_the_export_phase_reads_with_it_skipped():
+    d = pl.to_dict(run_of())
+    del d["phases"]["export"]
+    assert pl.from_dict(d).phases["export"].state == "skipped"
+
+
 def _corrupt(edit):
     d = pipeline.to_dict(run_of())
     edit(d)

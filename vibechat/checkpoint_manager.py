@@ -13,6 +13,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
@@ -111,6 +112,12 @@ def build_model(model_data: dict, meta: dict, device, phase: str):
     """A GPT from a checkpoint's weights and its meta's model_config; a mismatch is one clear error."""
     from vibechat.gpt import GPT, GPTConfig
 
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(meta["model_config"]) - known)
+    if unknown:
+        raise VibechatError(f"checkpoint model_config field {unknown[0]!r} (= {meta['model_config'][unknown[0]]!r}) "
+                            f"is not one of this vibechat's GPTConfig ({', '.join(sorted(known))}): the checkpoint "
+                            "is from another version of the model; load it with that version")
     config = GPTConfig(**meta["model_config"])
     with torch.device("meta"):
         model = GPT(config)
