@@ -417,10 +417,10 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
 
 def last_stage() -> str:
     """The latest stage (rl, sft, mid, base) with a checkpoint in this run: what the pipeline's export phase writes."""
-    for source in reversed(STAGES):
+    for stage in reversed(STAGES):
         try:
-            find_largest_model(join(get_base_dir(), checkpoint_dir(source)))
-            return source
+            find_largest_model(join(get_base_dir(), checkpoint_dir(stage)))
+            return stage
         except FileNotFoundError:
             continue
     raise ExportError(f"no checkpoint in {join(get_base_dir(), CHECKPOINTS_DIR)}: train a model first "

@@ -76,14 +76,14 @@ def compiled(model: GPT, choice: str, device: torch.device):
     return model
 
 
-def checkpoint_root(phase: str) -> str:
-    """Where a phase's checkpoints live, one folder per model tag."""
-    return join(get_base_dir(), checkpoint_dir(phase))
+def checkpoint_root(stage: str) -> str:
+    """Where a stage's checkpoints live, one folder per model tag."""
+    return join(get_base_dir(), checkpoint_dir(stage))
 
 
-def largest_model_tag(phase: str) -> str | None:
+def largest_model_tag(stage: str) -> str | None:
     try:
-        return find_largest_model(checkpoint_root(phase))
+        return find_largest_model(checkpoint_root(stage))
     except FileNotFoundError:
         return None
 
@@ -107,7 +107,7 @@ def resume(checkpoint_dir: str, device: torch.device, world_size: int) -> tuple[
 
 @dataclass
 class PhaseStart:
-    """Where a post-training phase starts: its own newest checkpoint (resuming), else the source phase's newest."""
+    """Where a post-training phase starts: its own newest checkpoint (resuming), else the source stage's newest."""
 
     model: GPT
     tokenizer: RustBPETokenizer
@@ -119,12 +119,12 @@ class PhaseStart:
     meta: dict  # the phase's own checkpoint's when resuming, else empty
 
 
-def load_phase_model(phase: str, source: str, model_tag: str | None, device: torch.device,
+def load_phase_model(stage: str, source: str, model_tag: str | None, device: torch.device,
                      world_size: int) -> PhaseStart:
     """The model a post-training phase trains; without a checkpoint to start from, load_model's error names the
-    program to run first. The model tag defaults to the phase's largest model, else the source's."""
-    model_tag = model_tag or largest_model_tag(phase) or largest_model_tag(source)
-    checkpoint_dir = f"{checkpoint_root(phase)}/{model_tag}"
+    program to run first. The model tag defaults to the stage's largest model, else the source's."""
+    model_tag = model_tag or largest_model_tag(stage) or largest_model_tag(source)
+    checkpoint_dir = join(checkpoint_root(stage), model_tag)
     resumed = resume(checkpoint_dir, device, world_size) if model_tag else None
     if resumed:
         model, optim_data, meta = resumed
