@@ -55,6 +55,15 @@ def add_training_args(p: argparse.ArgumentParser, save_every: int, init_lr_frac:
     add_device_args(p)
 
 
+def add_token_rows_args(p: argparse.ArgumentParser) -> None:
+    """The options of the phases that train on rows packed with tokens (base, mid): the tokens of an optimizer
+    step, the validation tokens, torch.compile."""
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+
+
 def start_phase(args: argparse.Namespace) -> tuple[int, int, torch.device, Callable]:
     """How every phase program begins: the banner, the device and process group for --device, the autocast of
     --dtype. Returns (rank, world size, device, autocast context)."""
