@@ -12,11 +12,10 @@ import streamlit as st
 
 from jobs import pipeline
 from jobs.runstore import list_run_ids, read_run
-from vibechat.common import VibechatError
+from vibechat.common import VibechatError, format_duration
 from vibechat.layout import (CHECKPOINTS_DIR, METRICS_DIR, REPORT_FILE, STAGES, checkpoint_meta, in_run, metrics_key,
                              metrics_phase, run_dir)
 from vibechat.metrics import read_metrics
-from vibechat.report import format_duration
 from vibechat.storage import Store, open_store
 
 REFRESH_SECONDS = 5  # how often pages of an active run reread the store
