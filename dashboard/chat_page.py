@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import chat, data
 from vibechat.common import VibechatError
+from vibechat.layout import run_dir
 
 MAX_TOKENS = 512  # the longest reply
 
@@ -23,7 +24,7 @@ temperature = temperature_column.slider("Temperature", 0.0, 2.0, 0.6, 0.05, help
 top_k = top_k_column.slider("Top-k", 1, 200, 50, help="sample among the k likeliest tokens")
 
 try:
-    chat_model = chat.load_chat_model(data.store(url).uri(f"runs/{run_id}"), source, model_tag, step)
+    chat_model = chat.load_chat_model(data.store(url).uri(run_dir(run_id)), source, model_tag, step)
 except Exception as e:  # a broken checkpoint gets a message; the rest of the app goes on
     reason = e if isinstance(e, VibechatError) else f"{type(e).__name__}: {e}"
     st.error(f"Cannot load checkpoint {source}/{model_tag} step {step} of run {run_id}: {reason}")

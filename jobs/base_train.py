@@ -13,15 +13,14 @@ import time
 
 import torch
 
-from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, checkpoint_root, compiled,
-                        end_phase, eval_bpb, eval_due, grad_accumulation, make_optimizers, progress_line,
-                        restore_training_state, resume, save_due, save_training_checkpoint, set_lr, step_optimizers)
-from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
+from jobs.phase import (ResumableBatches, add_training_args, check_loss, checkpoint_root, compiled, end_phase, eval_bpb,
+                        eval_due, progress_line, restore_training_state, resume, save_due, save_training_checkpoint,
+                        start_phase)
+from jobs.training import (grad_accumulation, lr_multiplier, make_optimizers, peak_flops, set_schedules,
+                           train_step)
+from vibechat.common import VibechatError, positive_int, print0, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger
-
-H100_BF16_PEAK_FLOPS = 989e12
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -44,53 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
-    """Linear warm-up, constant, then linear warm-down to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step: int) -> float:
-    """Muon momentum ramps 0.85 -> 0.95 over the first 300 steps."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def set_schedules(optimizers, step: int, lr_mult: float) -> None:
-    adamw, muon = optimizers
-    set_lr(optimizers, lr_mult)
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the card, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return H100_BF16_PEAK_FLOPS if ("H100" in name or "H200" in name) else None
-
-
-def train_step(model, optimizers, batches, grad_accum_steps: int, autocast_ctx) -> torch.Tensor:
-    """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a tensor, no host sync)."""
-    total = None
-    for _ in range(grad_accum_steps):
-        x, y = next(batches)
-        with autocast_ctx():
-            loss = model(x, y)
-        total = loss.detach() if total is None else total + loss.detach()
-        (loss / grad_accum_steps).backward()
-    step_optimizers(optimizers)
-    return total / grad_accum_steps
-
-
 def main(argv=None) -> None:
     from vibechat.dataloader import (prefetched, tokenizing_distributed_data_loader,
                                      tokenizing_distributed_data_loader_with_state)
@@ -98,9 +50,7 @@ def main(argv=None) -> None:
     from vibechat.tokenizer import get_token_bytes, get_tokenizer
 
     args = parse_args(argv)
-    print_banner()
-    _, _, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    _, world_size, device, autocast_ctx = start_phase(args)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)

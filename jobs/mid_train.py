@@ -19,13 +19,12 @@ from collections.abc import Iterator
 
 import torch
 
-from jobs.base_train import lr_multiplier, set_schedules, train_step
-from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, compiled, end_phase,
-                        eval_bpb, eval_due, grad_accumulation, load_phase_model, make_optimizers, progress_line,
-                        restore_training_state, save_due, save_training_checkpoint)
-from tasks.common import TaskMixture
-from tasks.registry import TASKS, get_task, task_parameters
-from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
+from jobs.phase import (ResumableBatches, add_training_args, check_loss, compiled, end_phase, eval_bpb, eval_due,
+                        load_phase_model, progress_line, restore_training_state, save_due, save_training_checkpoint,
+                        start_phase)
+from jobs.training import (add_tasks_arg, grad_accumulation, lr_multiplier, make_optimizers, set_schedules,
+                           task_mixture, train_step)
+from vibechat.common import positive_int, print0, run_main, synchronize
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_MID_TASKS = "conversations-standin,multiple-choice-standin,arithmetic-standin,identity,identity," \
@@ -49,36 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
     add_training_args(p, save_every=500, init_lr_frac=1.0)
     return p.parse_args(argv)
-
-
-def add_tasks_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--tasks", default=default,
-                   help="comma-separated task names, name:N for the first N examples (default: offline stand-ins)")
-
-
-def task_mixture(spec: str, split: str) -> TaskMixture | None:
-    """The tasks of a spec such as "smoltalk,gsm8k:2000,identity" shuffled together, built for `split`.
-
-    For split "test", tasks with no test split (identity, mmlu-auxiliary-train) are left out; None if none is left.
-    """
-    tasks = []
-    for item in spec.split(","):
-        name, _, count = item.strip().partition(":")
-        if count and not (count.isdigit() and int(count) > 0):
-            raise VibechatError(f"task {item!r}: the count after ':' must be a positive number of examples")
-        cls, fixed = TASKS.get(name, (None, {}))
-        takes_split = cls is not None and "split" in task_parameters(cls) and "split" not in fixed
-        if split != "train" and cls is not None and not takes_split:
-            continue
-        kwargs = {"split": split} if takes_split else {}
-        if count:
-            kwargs["stop"] = int(count)
-        tasks.append(get_task(name, **kwargs))  # an unknown name is an error that lists the known ones
-    if not tasks:
-        if split == "train":
-            raise VibechatError(f"--tasks {spec!r} names no task: give comma-separated task names")
-        return None
-    return TaskMixture(tasks)
 
 
 def conversation_batches(dataset, tokenizer, B: int, T: int, rank: int, world_size: int, state: dict | None = None,
@@ -114,9 +83,7 @@ def main(argv=None) -> None:
     from vibechat.tokenizer import get_token_bytes
 
     args = parse_args(argv)
-    print_banner()
-    _, rank, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    rank, world_size, device, autocast_ctx = start_phase(args)
 
     train_set = task_mixture(args.tasks, "train")
     val_set = task_mixture(args.tasks, "test")

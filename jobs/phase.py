@@ -4,6 +4,7 @@ the training state saved beside the model, when to evaluate and save, and the pr
 import argparse
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,8 +12,10 @@ import torch.distributed as dist
 
 from vibechat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
                                          load_optimizer_state, save_checkpoint)
-from vibechat.common import VibechatError, autocast_dtype, compute_cleanup, get_base_dir, print0
+from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0,
+                             print_banner)
 from vibechat.gpt import GPT
+from vibechat.layout import checkpoint_dir, join
 from vibechat.loss_eval import evaluate_bpb
 from vibechat.tokenizer import RustBPETokenizer, get_tokenizer
 
@@ -52,6 +55,14 @@ def add_training_args(p: argparse.ArgumentParser, save_every: int, init_lr_frac:
     add_device_args(p)
 
 
+def start_phase(args: argparse.Namespace) -> tuple[int, int, torch.device, Callable]:
+    """How every phase program begins: the banner, the device and process group for --device, the autocast of
+    --dtype. Returns (rank, world size, device, autocast context)."""
+    print_banner()
+    _, rank, _, world_size, device = compute_init(args.device)
+    return rank, world_size, device, autocast_context(device, args.dtype)
+
+
 def autocast_context(device: torch.device, dtype: str):
     """A callable that opens a fresh autocast context for --dtype; float32 leaves autocast off."""
     dtype = autocast_dtype(device) if dtype == "auto" else getattr(torch, dtype)
@@ -67,7 +78,7 @@ def compiled(model: GPT, choice: str, device: torch.device):
 
 def checkpoint_root(phase: str) -> str:
     """Where a phase's checkpoints live, one folder per model tag."""
-    return f"{get_base_dir().rstrip('/')}/checkpoints/{phase}"
+    return join(get_base_dir(), checkpoint_dir(phase))
 
 
 def largest_model_tag(phase: str) -> str | None:
@@ -130,37 +141,6 @@ def load_eval_model(source: str, model_tag: str | None, step: int | None, device
     model_tag = model_tag or largest_model_tag(source)
     model, tokenizer, meta = load_model(source, device, "eval", model_tag, step)
     return model, tokenizer, meta, model_tag
-
-
-def grad_accumulation(total_batch_size: int, tokens_per_fwdbwd: int) -> int:
-    """Micro-batches per optimizer step: --total-batch-size over the tokens of one forward pass on all ranks."""
-    if total_batch_size % tokens_per_fwdbwd:
-        raise VibechatError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x seq len x "
-                            f"ranks = {tokens_per_fwdbwd}: change one of them")
-    return total_batch_size // tokens_per_fwdbwd
-
-
-def make_optimizers(model: GPT, args: argparse.Namespace, init_lr_frac: float = 1.0) -> list:
-    """The model's optimizers at the LRs of add_training_args' options, each scaled by init_lr_frac."""
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * init_lr_frac
-    return optimizers
-
-
-def set_lr(optimizers: list, lr_mult: float) -> None:
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-
-
-def step_optimizers(optimizers: list) -> None:
-    for opt in optimizers:
-        opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
 
 
 def training_state(optimizers: list, loader_state) -> dict:

@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import controller as ctl
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.backends import PhaseJob
 from jobs.backends.local import LocalBackend, command
 from jobs.config import load_config
+from jobs.controller import main as controller_main
+from jobs.console import Console
 from jobs.pipeline import PHASES
+from jobs.runstore import check_run_id, create_run, list_run_ids, new_run_id
 from vibechat.common import run_main
 from vibechat.storage import open_store
 
@@ -64,7 +66,7 @@ def run_controller_here(argv, capsys) -> tuple[int, str, str]:
     """The controller's main in this process, as `python -m jobs.controller` runs it: (exit code, stdout, stderr)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_main(lambda: ctl.main(argv))
+        run_main(lambda: controller_main(argv))
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
@@ -77,8 +79,8 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def run_json(store_url, run_id) -> pl.RunState:
-    return pl.from_dict(json.loads(open_store(store_url).get_text(f"runs/{run_id}/run.json")))
+def run_json(store_url, run_id) -> pipeline.RunState:
+    return pipeline.from_dict(json.loads(open_store(store_url).get_text(f"runs/{run_id}/run.json")))
 
 
 def trail(store_url, run_id, phase, name) -> list[str]:
@@ -196,7 +198,7 @@ def test_after_the_controller_is_killed_mid_phase_one_of_two_resumes_adopts_the_
     assert "base: following vibechat-kill-base-1, already running" in (tmp_path / f"resume{1 - loser}.out").read_text()
 
     run = run_json(store_url, "kill")
-    assert pl.run_status(run) == "succeeded" and run.phases["base"].attempt == 1
+    assert pipeline.run_status(run) == "succeeded" and run.phases["base"].attempt == 1
     assert len(trail(store_url, "kill", "base", "starts")) == 1  # adopted, not started again
     for phase in ("base", "report"):
         assert len(trail(store_url, "kill", phase, "completions")) == 1
@@ -233,7 +235,7 @@ def test_stop_cancels_a_detached_run_and_its_job_and_resume_continues_it(store_u
     r = controller("stop", "st", store=store_url)
     assert r.returncode == 0 and "stopping vibechat-st-base-1" in r.stdout
     run = run_json(store_url, "st")
-    assert pl.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
+    assert pipeline.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
     assert not group_alive(job_pid(store_url, "st", "base", 1))
     wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
 
@@ -258,11 +260,11 @@ def test_deleting_a_run_folder_mid_run_stops_its_job_and_the_controller_with_one
 
 def test_serve_drives_a_run_that_no_controller_holds(store_url, tmp_path):
     store = open_store(store_url)
-    ctl.create_run(store, "ci", load_config("ci", fake_config(tmp_path, phases=("base",))), "local", "srv", owner=None)
+    create_run(store, "ci", load_config("ci", fake_config(tmp_path, phases=("base",))), "local", "srv", owner=None)
     serve = controller_bg("serve", "--backend", "local", "--interval", "0.2", store=store_url,
                           out=tmp_path / "serve.out")
     try:
-        wait_for(lambda: pl.run_status(run_json(store_url, "srv")) == "succeeded", "serve to finish the run")
+        wait_for(lambda: pipeline.run_status(run_json(store_url, "srv")) == "succeeded", "serve to finish the run")
     finally:
         serve.terminate()
         serve.wait()
@@ -275,7 +277,7 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
                    store=s3_url)
     assert r.returncode == 0, r.stdout + r.stderr
     store = open_store(s3_url)
-    assert pl.run_status(pl.from_dict(json.loads(store.get_text("runs/s3/run.json")))) == "succeeded"
+    assert pipeline.run_status(pipeline.from_dict(json.loads(store.get_text("runs/s3/run.json")))) == "succeeded"
     assert "step 3/3" in store.get_text("runs/s3/logs/base-1.log")
     assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
 
@@ -286,7 +288,7 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
 def existing_run(store_url, tmp_path):
     """A run named `r` that nothing drives yet; returns its run.json bytes."""
     store = open_store(store_url)
-    ctl.create_run(store, "ci", load_config("ci", fake_config(tmp_path)), "local", "r", owner=None)
+    create_run(store, "ci", load_config("ci", fake_config(tmp_path)), "local", "r", owner=None)
     return store.get_bytes("runs/r/run.json")
 
 
@@ -319,7 +321,7 @@ def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, exis
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert open_store(store_url).get_bytes("runs/r/run.json") == existing_run
-    assert ctl.list_run_ids(open_store(store_url)) == ["r"]
+    assert list_run_ids(open_store(store_url)) == ["r"]
 
 
 def test_a_run_whose_folder_was_deleted_is_a_clear_error(store_url, existing_run, capsys):
@@ -338,13 +340,13 @@ def test_a_corrupt_run_file_is_a_clear_error_and_left_as_it_is(store_url, existi
 
 
 def test_default_run_ids_are_readable_and_usable_in_job_names():
-    run_id = ctl.new_run_id(time.mktime((2025, 6, 12, 14, 30, 5, 0, 0, -1)))
+    run_id = new_run_id(time.mktime((2025, 6, 12, 14, 30, 5, 0, 0, -1)))
     assert run_id == "run-250612-143005"
-    ctl.check_run_id(run_id)
+    check_run_id(run_id)
 
 
 def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_through(capsys):
-    console, job = ctl.Console(), PhaseJob("r", "base", 1, "jobs.base_train")
+    console, job = Console(), PhaseJob("r", "base", 1, "jobs.base_train")
     console.output(job, "model d4\nstep 0/100 | val bpb 3.2100\n", 0.0)
     console.output(job, "step 10/100 | loss 4.5000 | lr 1.0 | tok/s 1,200\n", 0.0)
     console.output(job, "step 20/100 | loss 4.0000 | tok/s 1,300\n", 60.0)
@@ -360,7 +362,7 @@ def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_th
 
 def fake_job(store_url, run_id, **args) -> PhaseJob:
     env = {"VIBECHAT_STORE": store_url, "VIBECHAT_RUN": run_id}
-    argv = pl.phase_argv("base", {"phase": "base", **args})
+    argv = pipeline.phase_argv("base", {"phase": "base", **args})
     return PhaseJob(run_id, "base", 1, FAKE, argv, env)
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from jobs.mid_train import conversation_batches, estimate_iterations, main, task_mixture
+from jobs.mid_train import conversation_batches, estimate_iterations, main
+from jobs.training import task_mixture
 from tasks.standins import StandinConversations
 from vibechat.checkpoint_manager import save_checkpoint
 from vibechat.common import VibechatError
@@ -104,19 +105,6 @@ def test_one_pass_is_the_mixtures_tokens_over_the_batch_size(base_dir):
     dataset = task_mixture("identity", "train")
     tokens = sum(len(tokenizer.render_conversation(dataset[i])[0]) for i in range(len(dataset)))
     assert estimate_iterations(dataset, tokenizer, total_batch_size=256) == round(tokens / 256)
-
-
-def test_test_mixture_leaves_out_tasks_without_a_test_split():
-    train = task_mixture("conversations-standin:5,identity:3", "train")
-    test = task_mixture("conversations-standin:5,identity:3", "test")
-    assert len(train) == 8
-    assert len(test) == 5
-    assert task_mixture("identity", "test") is None
-
-
-def test_a_malformed_task_count_is_an_error_naming_the_task():
-    with pytest.raises(VibechatError, match="'gsm8k:lots'.*positive number"):
-        task_mixture("gsm8k:lots", "train")
 
 
 ARGS = ["--device=cpu", "--tasks=conversations-standin:200,arithmetic-standin:100,identity", "--max-seq-len=64",

@@ -19,10 +19,11 @@ import torch
 import torch.distributed as dist
 
 from vibechat.common import VibechatError, get_base_dir, get_dist_info
+from vibechat.layout import STAGES, TOKENIZER_DIR, checkpoint_dir, join
 from vibechat.storage import open_store
 
-# which phase produces each source, for "run X first" errors
-PHASE_PROGRAMS = {"base": "jobs.base_train", "mid": "jobs.mid_train", "sft": "jobs.chat_sft", "rl": "jobs.chat_rl"}
+# the program that trains each stage, for the hint of a "run it first" error
+TRAINING_PROGRAMS = {"base": "jobs.base_train", "mid": "jobs.mid_train", "sft": "jobs.chat_sft", "rl": "jobs.chat_rl"}
 
 
 def _put_torch(store, key: str, obj) -> None:
@@ -142,20 +143,20 @@ def load_model(source: str, device, phase: str, model_tag: str | None = None, st
     """(model, tokenizer, meta) from <base>/checkpoints/<source>/<model_tag>/, newest step by default."""
     from vibechat.tokenizer import get_tokenizer
 
-    if source not in PHASE_PROGRAMS:
-        raise VibechatError(f"unknown model source {source!r}: use one of {', '.join(PHASE_PROGRAMS)}")
-    root = get_base_dir().rstrip("/") + f"/checkpoints/{source}"
+    if source not in STAGES:
+        raise VibechatError(f"unknown model source {source!r}: use one of {', '.join(STAGES)}")
+    root = join(get_base_dir(), checkpoint_dir(source))
     try:
         model_tag = model_tag or find_largest_model(root)
-        checkpoint_dir = f"{root}/{model_tag}"
-        step = find_last_step(checkpoint_dir) if step is None else step
+        step = find_last_step(join(root, model_tag)) if step is None else step
     except FileNotFoundError:
         raise VibechatError(f"no {source!r} checkpoint in {root}: run the {source} phase first "
-                            f"(python -m {PHASE_PROGRAMS[source]})") from None
-    model_data, _, meta = load_checkpoint(checkpoint_dir, step, device)
+                            f"(python -m {TRAINING_PROGRAMS[source]})") from None
+    model_data, _, meta = load_checkpoint(join(root, model_tag), step, device)
     model = build_model(model_data, meta, device, phase)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != model.config.vocab_size:
         raise VibechatError(f"tokenizer has {tokenizer.get_vocab_size()} tokens but the {source} model expects "
-                            f"{model.config.vocab_size}: the tokenizer in {get_base_dir()}/tokenizer is from another run")
+                            f"{model.config.vocab_size}: the tokenizer in {join(get_base_dir(), TOKENIZER_DIR)} is "
+                            "from another run")
     return model, tokenizer, meta

@@ -63,7 +63,9 @@ def get_base_dir() -> str:
         return os.environ["VIBECHAT_BASE_DIR"]
     run = os.environ.get("VIBECHAT_RUN")
     if run:
-        return get_store_url().rstrip("/") + "/runs/" + run
+        from vibechat.layout import join, run_dir
+
+        return join(get_store_url(), run_dir(run))
     return DEFAULT_HOME
 
 

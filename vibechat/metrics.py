@@ -10,6 +10,7 @@ import os
 import time
 
 from vibechat.common import get_base_dir, get_dist_info
+from vibechat.layout import metrics_key
 from vibechat.storage import open_store
 
 _GAUGES = {}  # name -> Gauge, per process: prometheus refuses a second gauge of the same name
@@ -32,7 +33,7 @@ class MetricsLogger:
         _, rank, _, _ = get_dist_info()
         self.enabled = rank == 0
         self.store = open_store(base_dir or get_base_dir())
-        self.key = f"metrics/{phase}.jsonl"
+        self.key = metrics_key(phase)
         self._segment: tuple[str, int] | None = None  # (key, bytes) of the segment lines go to; found at the first log
         port = os.environ.get("VIBECHAT_METRICS_PORT")
         if self.enabled and port:
