@@ -28,10 +28,11 @@ from dataclasses import asdict
 
 import torch
 
-from jobs.phase import load_eval_model
-from vibechat.checkpoint_manager import PHASE_PROGRAMS, build_model, find_largest_model, find_last_step, save_checkpoint
+from jobs.phase import checkpoint_root, largest_model_tag, load_eval_model
+from vibechat.checkpoint_manager import build_model, find_last_step, save_checkpoint
 from vibechat.common import VibechatError, get_base_dir, nonnegative_int, print0, run_main
 from vibechat.gpt import SOFTCAP, GPTConfig
+from vibechat.layout import CHECKPOINTS_DIR, EXPORT_DIR, STAGES, join
 from vibechat.report import stage_scores, summary_table
 from vibechat.storage import LocalStore, Store, open_store
 from vibechat.tokenizer import (BYTE_OF_CHAR, RustBPETokenizer, TokenizerError, default_tokenizer_dir,
@@ -40,7 +41,6 @@ from vibechat.tokenizer import (BYTE_OF_CHAR, RustBPETokenizer, TokenizerError, 
 ROPE_THETA = 10000.0  # vibechat.gpt.GPT._rotary_tables' base
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm(x, shape) without eps uses the dtype's epsilon
 CHAR_OF_BYTE = {b: c for c, b in BYTE_OF_CHAR.items()}
-EXPORT_DIR = "export/hf"  # under the run's base dir: where the pipeline's export phase writes
 FILES = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          "generation_config.json", "README.md", "config.json"]  # config.json last: a folder without it is no model
 
@@ -396,7 +396,7 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
         raise ExportError(f"{folder}'s tokenizer differs from the run's ({tokenizer_dir}): import into a new run "
                           "(another VIBECHAT_RUN), where it becomes the run's tokenizer")
     model_tag = model_tag or f"d{config.n_layer}"
-    checkpoint_dir = f"{get_base_dir().rstrip('/')}/checkpoints/{source}/{model_tag}"
+    checkpoint_dir = join(checkpoint_root(source), model_tag)
     try:
         newest = find_last_step(checkpoint_dir)
     except FileNotFoundError:
@@ -417,14 +417,11 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
 
 def last_stage() -> str:
     """The latest stage (rl, sft, mid, base) with a checkpoint in this run: what the pipeline's export phase writes."""
-    root = f"{get_base_dir().rstrip('/')}/checkpoints"
-    for source in reversed(list(PHASE_PROGRAMS)):
-        try:
-            find_largest_model(f"{root}/{source}")
-            return source
-        except FileNotFoundError:
-            continue
-    raise ExportError(f"no checkpoint in {root}: train a model first (python -m jobs.base_train)")
+    stage = next((stage for stage in reversed(STAGES) if largest_model_tag(stage)), None)
+    if stage is None:
+        raise ExportError(f"no checkpoint in {join(get_base_dir(), CHECKPOINTS_DIR)}: train a model first "
+                          "(python -m jobs.base_train)")
+    return stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -434,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="an exported folder (or store URL) to turn into a checkpoint of --source")
     parser.add_argument("--out", default=None,
                         help=f"folder or store URL (s3://...) to export to, empty or absent (default: the run's {EXPORT_DIR})")
-    parser.add_argument("--source", default=None, choices=list(PHASE_PROGRAMS),
+    parser.add_argument("--source", default=None, choices=STAGES,
                         help="which phase's checkpoint to export (default: the latest stage that has one), "
                              "or to import as (required)")
     parser.add_argument("--model-tag", default=None,
@@ -458,7 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         print0(f"imported {args.import_dir} as {what}")
         return
     source = args.source or last_stage()
-    out = args.out or open_store(get_base_dir()).uri(EXPORT_DIR)
+    out = args.out or join(get_base_dir(), EXPORT_DIR)
     what = export(source, args.model_tag, args.step, out)
     print0(f"exported {what} to {out}")
 

@@ -260,6 +260,12 @@ def test_a_missing_checkpoint_is_one_error_and_writes_nothing(tmp_path):
     assert sorted(os.listdir(base)) == ["tokenizer"]
 
 
+def test_the_pipelines_call_without_any_checkpoint_says_to_train_first(tmp_path):
+    result = export_cli(str(tmp_path))
+    assert_one_error(result, f"no checkpoint in {tmp_path}/checkpoints: train a model first (python -m jobs.base_train)")
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_non_empty_out_is_one_error_and_keeps_what_is_there(tiny, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     result = export_cli(tiny.base, "--source", "sft", "--out", str(tmp_path))

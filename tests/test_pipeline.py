@@ -221,9 +221,9 @@ def test_run_round_trips_through_json():
 
 
 def test_a_run_file_from_before_the_export_phase_reads_with_it_skipped():
-    d = pl.to_dict(run_of())
+    d = pipeline.to_dict(run_of())
     del d["phases"]["export"]
-    assert pl.from_dict(d).phases["export"].state == "skipped"
+    assert pipeline.from_dict(d).phases["export"].state == "skipped"
 
 
 def _corrupt(edit):
