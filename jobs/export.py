@@ -1,6 +1,6 @@
 """A checkpoint to and from the Hugging Face transformers format (NanoChat).
 
-    python -m jobs.export --source sft --out DIR              # or s3://bucket/prefix; --model-tag, --step
+    python -m jobs.export --source sft --out DIR              # or s3://bucket/prefix; --run, --model-tag, --step
     python -m jobs.export --import DIR --source sft           # DIR back into the run as checkpoints/sft/<tag>/
 
 The exported folder loads with transformers' own classes (AutoModelForCausalLM / AutoTokenizer, no
@@ -427,6 +427,8 @@ def last_stage() -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=(
         "Write a checkpoint as a transformers NanoChat folder, or bring one back with --import."))
+    parser.add_argument("--run", default=None,
+                        help="the run in $VIBECHAT_STORE to export from or import into (default: $VIBECHAT_RUN)")
     parser.add_argument("--import", dest="import_dir", metavar="DIR",
                         help="an exported folder (or store URL) to turn into a checkpoint of --source")
     parser.add_argument("--out", default=None,
@@ -450,6 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race for the same --out
         raise ExportError("export runs as one process: give its phase nproc_per_node 1 and nnodes 1")
+    if args.run:  # get_base_dir() is then <store>/runs/<run>, as in a phase the controller starts
+        os.environ.pop("VIBECHAT_BASE_DIR", None)
+        os.environ["VIBECHAT_RUN"] = args.run
     if args.import_dir is not None:
         what = import_folder(args.import_dir, args.source, args.model_tag, args.step)
         print0(f"imported {args.import_dir} as {what}")

@@ -209,6 +209,14 @@ def test_model_card_has_the_runs_summary_table_and_how_it_was_trained(ci):
     assert "| Metric | BASE | MID | SFT | RL |" in card
 
 
+def test_run_names_the_run_of_the_store_to_export_from(ci, tmp_path):
+    store = os.path.dirname(os.path.dirname(ci.base))
+    result = run_phase("jobs.export", ["--run", "r1", "--source", "base", "--out", str(tmp_path / "hf")],
+                       {"VIBECHAT_STORE": store})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"exported base model d2 step 4 to {tmp_path}/hf"
+
+
 def test_export_then_import_round_trips_the_weights_exactly(tiny, tmp_path):
     base = str(tmp_path / "other-run")
     result = export_cli(base, "--import", tiny.out, "--source", "sft")
