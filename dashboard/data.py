@@ -12,11 +12,10 @@ import streamlit as st
 
 from jobs import pipeline
 from jobs.runstore import list_run_ids, read_run
-from vibechat.common import VibechatError
+from vibechat.common import VibechatError, format_duration
 from vibechat.layout import (CHECKPOINTS_DIR, METRICS_DIR, REPORT_FILE, STAGES, checkpoint_meta, in_run, metrics_key,
                              metrics_phase, run_dir)
 from vibechat.metrics import read_metrics
-from vibechat.report import format_duration
 from vibechat.storage import Store, open_store
 
 REFRESH_SECONDS = 5  # how often pages of an active run reread the store
@@ -139,7 +138,7 @@ def read_report(url: str, run_id: str) -> str | None:
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def checkpoints(url: str, run_id: str) -> dict[str, dict[str, list[int]]]:
-    """source -> model tag (deepest first) -> committed steps (newest first); a step counts once its meta is written."""
+    """stage -> model tag (deepest first) -> committed steps (newest first); a step counts once its meta is written."""
     found: dict[str, dict[str, list[int]]] = {}
     run = store(url).child(run_dir(run_id))
     for key in run.list(CHECKPOINTS_DIR + "/"):
@@ -147,8 +146,8 @@ def checkpoints(url: str, run_id: str) -> dict[str, dict[str, list[int]]]:
             stage, tag, step = meta
             found.setdefault(stage, {}).setdefault(tag, []).append(step)
     order = list(STAGES)
-    return {source: {tag: sorted(found[source][tag], reverse=True) for tag in sorted(found[source], key=_tag_size)}
-            for source in sorted(found, key=lambda s: order.index(s) if s in order else len(order))}
+    return {stage: {tag: sorted(found[stage][tag], reverse=True) for tag in sorted(found[stage], key=_tag_size)}
+            for stage in sorted(found, key=lambda s: order.index(s) if s in order else len(order))}
 
 
 def _tag_size(tag: str) -> tuple[int, str]:

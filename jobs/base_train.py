@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from jobs.phase import (ResumableBatches, add_training_args, check_loss, checkpoint_root, compiled, end_phase, eval_bpb,
-                        eval_due, progress_line, restore_training_state, resume, save_due, save_training_checkpoint,
-                        start_phase)
+from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args, check_loss, checkpoint_root, compiled,
+                        end_phase, eval_bpb, eval_due, progress_line, restore_training_state, resume, save_due,
+                        save_training_checkpoint, start_phase)
 from jobs.training import (grad_accumulation, lr_multiplier, make_optimizers, peak_flops, set_schedules,
                            train_step)
 from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto, synchronize
@@ -27,8 +27,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth (default 20)")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length in tokens")
     p.add_argument("--device-batch-size", type=positive_int, default=32, help="sequences per forward pass per rank")
-    p.add_argument("--total-batch-size", type=int, default=524288,
-                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-iterations", type=steps_or_auto, default=-1,
                    help="optimizer steps; -1 derives them from --target-param-data-ratio (Chinchilla)")
     p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
@@ -36,9 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR decay at the end")
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the peak")
     p.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb evaluations")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    add_token_rows_args(p)
     add_training_args(p, save_every=1000)
     return p.parse_args(argv)
 

@@ -6,15 +6,11 @@ import sys
 import time
 
 from jobs.backends import PhaseJob
+from vibechat.common import format_duration
 
 STEP = re.compile(r"\bstep\s+(\d+)\s*/\s*(\d+)")
 LOSS = re.compile(r"\bloss\s+([-+0-9.eE]+|nan|inf)")
 TOKS = re.compile(r"\btok/s\s+([0-9][0-9,.]*)")
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class Console:
@@ -48,7 +44,7 @@ class Console:
                 parts.append(f"tok/s {toks.group(1)}")
             t0, s0 = self.first_step.setdefault(job.name, (now, done))
             if done > s0 and total >= done:
-                parts.append(f"eta {duration((total - done) * (now - t0) / (done - s0))}")
+                parts.append(f"eta {format_duration((total - done) * (now - t0) / (done - s0))}")
             if self.tty:
                 print("\r\033[K" + " | ".join(parts), end="", flush=True)
                 self.progress_shown = True

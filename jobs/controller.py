@@ -24,10 +24,10 @@ import time
 
 from jobs import pipeline
 from jobs.config import check_phase_args, load_config, preset_names
-from jobs.console import Console, duration
+from jobs.console import Console
 from jobs.driver import OVER, Driver, local_state_dir, make_backend, phase_job, pick_backend, store_flag, store_root
 from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, owner_id, read_run, write_run
-from vibechat.common import VibechatError, get_store_url, run_main
+from vibechat.common import VibechatError, format_duration, get_store_url, run_main
 from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run, log_key
 from vibechat.storage import PreconditionFailed, Store, open_store
 
@@ -160,7 +160,7 @@ def cmd_status(args) -> int:
     print(f"{'phase':<{w}} {'state':<10} {'attempt':>7}  {'started':<15} {'took':>8}  job / error")
     for name in pipeline.PHASES:
         p = run.phases[name]
-        took = duration((p.ended_at or now) - p.started_at) if p.started_at else "-"
+        took = format_duration((p.ended_at or now) - p.started_at) if p.started_at else "-"
         detail = p.error if p.error else (p.job_name if p.state == pipeline.RUNNING else "")
         print(f"{name:<{w}} {p.state:<10} {p.attempt:>7}  {_clock(p.started_at):<15} {took:>8}  {detail}".rstrip())
     report_summary(run, store)

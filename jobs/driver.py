@@ -7,9 +7,9 @@ import time
 
 from jobs import pipeline
 from jobs.backends import Backend, PhaseJob
-from jobs.console import Console, duration
+from jobs.console import Console
 from jobs.runstore import LEASE_SECONDS, RunNotFound, claim, read_run, write_run
-from vibechat.common import VibechatError, get_store_url
+from vibechat.common import VibechatError, format_duration, get_store_url
 from vibechat.layout import in_run, log_key
 from vibechat.storage import LocalStore, PreconditionFailed, S3Store, Store, open_store
 
@@ -155,7 +155,7 @@ class Driver:
         if status.state == "succeeded":
             pipeline.mark_succeeded(run, job.phase, now)
             p = run.phases[job.phase]
-            self.say(f"{job.phase}: succeeded in {duration(now - p.started_at)}")
+            self.say(f"{job.phase}: succeeded in {format_duration(now - p.started_at)}")
         else:
             pipeline.mark_failed(run, job.phase, status.message, now)
             p = run.phases[job.phase]

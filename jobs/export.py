@@ -1,6 +1,6 @@
 """A checkpoint to and from the Hugging Face transformers format (NanoChat).
 
-    python -m jobs.export --source sft --out DIR              # or s3://bucket/prefix; --model-tag, --step
+    python -m jobs.export --source sft --out DIR              # or s3://bucket/prefix; --run, --model-tag, --step
     python -m jobs.export --import DIR --source sft           # DIR back into the run as checkpoints/sft/<tag>/
 
 The exported folder loads with transformers' own classes (AutoModelForCausalLM / AutoTokenizer, no
@@ -28,10 +28,11 @@ from dataclasses import asdict
 
 import torch
 
-from jobs.phase import load_eval_model
-from vibechat.checkpoint_manager import PHASE_PROGRAMS, build_model, find_largest_model, find_last_step, save_checkpoint
+from jobs.phase import checkpoint_root, largest_model_tag, load_eval_model
+from vibechat.checkpoint_manager import build_model, find_last_step, save_checkpoint
 from vibechat.common import VibechatError, get_base_dir, nonnegative_int, print0, run_main
 from vibechat.gpt import SOFTCAP, GPTConfig
+from vibechat.layout import CHECKPOINTS_DIR, EXPORT_DIR, STAGES, join
 from vibechat.report import stage_scores, summary_table
 from vibechat.storage import LocalStore, Store, open_store
 from vibechat.tokenizer import (BYTE_OF_CHAR, RustBPETokenizer, TokenizerError, default_tokenizer_dir,
@@ -40,7 +41,6 @@ from vibechat.tokenizer import (BYTE_OF_CHAR, RustBPETokenizer, TokenizerError, 
 ROPE_THETA = 10000.0  # vibechat.gpt.GPT._rotary_tables' base
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm(x, shape) without eps uses the dtype's epsilon
 CHAR_OF_BYTE = {b: c for c, b in BYTE_OF_CHAR.items()}
-EXPORT_DIR = "export/hf"  # under the run's base dir: where the pipeline's export phase writes
 FILES = ["model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
          "generation_config.json", "README.md", "config.json"]  # config.json last: a folder without it is no model
 
@@ -396,20 +396,20 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
         raise ExportError(f"{folder}'s tokenizer differs from the run's ({tokenizer_dir}): import into a new run "
                           "(another VIBECHAT_RUN), where it becomes the run's tokenizer")
     model_tag = model_tag or f"d{config.n_layer}"
-    checkpoint_dir = f"{get_base_dir().rstrip('/')}/checkpoints/{source}/{model_tag}"
+    target = join(checkpoint_root(source), model_tag)
     try:
-        newest = find_last_step(checkpoint_dir)
+        newest = find_last_step(target)
     except FileNotFoundError:
         newest = None
     step = (0 if newest is None else newest + 1) if step is None else step
-    if open_store(checkpoint_dir).exists(f"meta_{step:06d}.json"):
-        raise ExportError(f"{checkpoint_dir} already has a checkpoint at step {step}: choose another --step or "
+    if open_store(target).exists(f"meta_{step:06d}.json"):
+        raise ExportError(f"{target} already has a checkpoint at step {step}: choose another --step or "
                           "--model-tag")
     if theirs is None:
         tokenizer.save(tokenizer_dir)
         save_token_bytes(tokenizer, tokenizer_dir)
-    save_checkpoint(checkpoint_dir, step, model.state_dict(), None, {**meta, "step": step})
-    return f"{checkpoint_dir} step {step}"
+    save_checkpoint(target, step, model.state_dict(), None, {**meta, "step": step})
+    return f"{target} step {step}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -417,24 +417,23 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
 
 def last_stage() -> str:
     """The latest stage (rl, sft, mid, base) with a checkpoint in this run: what the pipeline's export phase writes."""
-    root = f"{get_base_dir().rstrip('/')}/checkpoints"
-    for source in reversed(list(PHASE_PROGRAMS)):
-        try:
-            find_largest_model(f"{root}/{source}")
-            return source
-        except FileNotFoundError:
-            continue
-    raise ExportError(f"no checkpoint in {root}: train a model first (python -m jobs.base_train)")
+    stage = next((stage for stage in reversed(STAGES) if largest_model_tag(stage)), None)
+    if stage is None:
+        raise ExportError(f"no checkpoint in {join(get_base_dir(), CHECKPOINTS_DIR)}: train a model first "
+                          "(python -m jobs.base_train)")
+    return stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=(
         "Write a checkpoint as a transformers NanoChat folder, or bring one back with --import."))
+    parser.add_argument("--run", default=None,
+                        help="the run in $VIBECHAT_STORE to export from or import into (default: $VIBECHAT_RUN)")
     parser.add_argument("--import", dest="import_dir", metavar="DIR",
                         help="an exported folder (or store URL) to turn into a checkpoint of --source")
     parser.add_argument("--out", default=None,
                         help=f"folder or store URL (s3://...) to export to, empty or absent (default: the run's {EXPORT_DIR})")
-    parser.add_argument("--source", default=None, choices=list(PHASE_PROGRAMS),
+    parser.add_argument("--source", default=None, choices=STAGES,
                         help="which phase's checkpoint to export (default: the latest stage that has one), "
                              "or to import as (required)")
     parser.add_argument("--model-tag", default=None,
@@ -453,12 +452,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race for the same --out
         raise ExportError("export runs as one process: give its phase nproc_per_node 1 and nnodes 1")
+    if args.run:  # get_base_dir() is then <store>/runs/<run>, as in a phase the controller starts
+        os.environ.pop("VIBECHAT_BASE_DIR", None)
+        os.environ["VIBECHAT_RUN"] = args.run
     if args.import_dir is not None:
         what = import_folder(args.import_dir, args.source, args.model_tag, args.step)
         print0(f"imported {args.import_dir} as {what}")
         return
     source = args.source or last_stage()
-    out = args.out or open_store(get_base_dir()).uri(EXPORT_DIR)
+    out = args.out or join(get_base_dir(), EXPORT_DIR)
     what = export(source, args.model_tag, args.step, out)
     print0(f"exported {what} to {out}")
 

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 
 import torch
 
-from jobs.phase import (ResumableBatches, add_training_args, check_loss, compiled, end_phase, eval_bpb, eval_due,
-                        load_phase_model, progress_line, restore_training_state, save_due, save_training_checkpoint,
-                        start_phase)
+from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args, check_loss, compiled, end_phase,
+                        eval_bpb, eval_due, load_phase_model, progress_line, restore_training_state, save_due,
+                        save_training_checkpoint, start_phase)
 from jobs.training import (add_tasks_arg, grad_accumulation, lr_multiplier, make_optimizers, set_schedules,
                            task_mixture, train_step)
 from vibechat.common import positive_int, print0, run_main, steps_or_auto, synchronize
@@ -38,14 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="row length in tokens (default: the model's context)")
     p.add_argument("--device-batch-size", type=positive_int, default=32, help="rows per forward pass per rank")
-    p.add_argument("--total-batch-size", type=int, default=524288,
-                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-iterations", type=steps_or_auto, default=-1,
                    help="optimizer steps; -1: one pass over the mixture (estimated from a sample of it)")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR decay to zero")
     p.add_argument("--eval-every", type=int, default=150, help="steps between validation bpb evaluations")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    add_token_rows_args(p)
     add_training_args(p, save_every=500, init_lr_frac=1.0)
     return p.parse_args(argv)
 

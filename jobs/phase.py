@@ -20,7 +20,7 @@ from vibechat.loss_eval import evaluate_bpb
 from vibechat.tokenizer import RustBPETokenizer, get_tokenizer
 
 # how a metric shows in a progress line, in the record's order; other metrics are only logged.
-# The local backend reads `step N/M` and `loss X` from these lines.
+# The controller's console (jobs/console.py) folds the `step N/M`, `loss X` and `tok/s Y` of these lines into one.
 LINE_FORMATS = {
     "loss": lambda v: f"loss {v:.4f}",
     "val_bpb": lambda v: f"val bpb {v:.4f}",
@@ -58,6 +58,15 @@ def add_training_args(p: argparse.ArgumentParser, save_every: int, init_lr_frac:
     add_device_args(p)
 
 
+def add_token_rows_args(p: argparse.ArgumentParser) -> None:
+    """The options of the phases that train on rows packed with tokens (base, mid): the tokens of an optimizer
+    step, the validation tokens, torch.compile."""
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+
+
 def start_phase(args: argparse.Namespace) -> tuple[int, int, torch.device, Callable]:
     """How every phase program begins: the banner, the device and process group for --device, the autocast of
     --dtype. Returns (rank, world size, device, autocast context)."""
@@ -79,14 +88,14 @@ def compiled(model: GPT, choice: str, device: torch.device):
     return model
 
 
-def checkpoint_root(phase: str) -> str:
-    """Where a phase's checkpoints live, one folder per model tag."""
-    return join(get_base_dir(), checkpoint_dir(phase))
+def checkpoint_root(stage: str) -> str:
+    """Where a stage's checkpoints live, one folder per model tag."""
+    return join(get_base_dir(), checkpoint_dir(stage))
 
 
-def largest_model_tag(phase: str) -> str | None:
+def largest_model_tag(stage: str) -> str | None:
     try:
-        return find_largest_model(checkpoint_root(phase))
+        return find_largest_model(checkpoint_root(stage))
     except FileNotFoundError:
         return None
 
@@ -110,7 +119,7 @@ def resume(checkpoint_dir: str, device: torch.device, world_size: int) -> tuple[
 
 @dataclass
 class PhaseStart:
-    """Where a post-training phase starts: its own newest checkpoint (resuming), else the source phase's newest."""
+    """Where a post-training phase starts: its own newest checkpoint (resuming), else the source stage's newest."""
 
     model: GPT
     tokenizer: RustBPETokenizer
@@ -122,12 +131,12 @@ class PhaseStart:
     meta: dict  # the phase's own checkpoint's when resuming, else empty
 
 
-def load_phase_model(phase: str, source: str, model_tag: str | None, device: torch.device,
+def load_phase_model(stage: str, source: str, model_tag: str | None, device: torch.device,
                      world_size: int) -> PhaseStart:
     """The model a post-training phase trains; without a checkpoint to start from, load_model's error names the
-    program to run first. The model tag defaults to the phase's largest model, else the source's."""
-    model_tag = model_tag or largest_model_tag(phase) or largest_model_tag(source)
-    checkpoint_dir = f"{checkpoint_root(phase)}/{model_tag}"
+    program to run first. The model tag defaults to the stage's largest model, else the source's."""
+    model_tag = model_tag or largest_model_tag(stage) or largest_model_tag(source)
+    checkpoint_dir = join(checkpoint_root(stage), model_tag)
     resumed = resume(checkpoint_dir, device, world_size) if model_tag else None
     if resumed:
         model, optim_data, meta = resumed

@@ -6,8 +6,8 @@ import torch.multiprocessing as mp
 
 from jobs.chat_sft import main, sft_backward
 from tests.conftest import free_port
-from tests.test_gpt import tiny_model
-from tests.test_mid_train import assert_resume_continues_exactly, make_run
+from tests.model_fixtures import random_model
+from tests.phase_fixtures import assert_resume_continues_exactly, make_run
 from vibechat.common import VibechatError
 
 
@@ -19,15 +19,6 @@ def step_batch() -> tuple[torch.Tensor, torch.Tensor]:
     for row, kept in enumerate([12, 1, 6, 3]):
         targets[row, kept:] = -1
     return inputs, targets
-
-
-def random_model():
-    """A tiny model with every weight random (a fresh one has a zero lm_head: the same loss for every token)."""
-    model = tiny_model(seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    return model
 
 
 def loss_and_grads(micro_batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

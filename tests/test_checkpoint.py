@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from tests.test_gpt import tiny_model
+from tests.model_fixtures import tiny_model
 from vibechat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
                                          prune_checkpoints, save_checkpoint)
 from vibechat.common import VibechatError

@@ -122,45 +122,87 @@ def no_stray_jobs(store_url):
 
 # --- a whole run --------------------------------------------------------------------------------
 
-def test_a_run_goes_through_every_phase_and_status_shows_each_succeeded(store_url, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """(store, the start command's outcome) of one run through every phase with the stand-in program."""
+    tmp_path = tmp_path_factory.mktemp("full")
+    store_url = str(tmp_path / "store")
     r = controller("start", "--preset", "ci", "--config", fake_config(tmp_path, phases=PHASES), "--run-id", "full",
                    store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "backend local: the store is a local folder" in r.stdout
-    assert "base | step 3/3 (100%) | loss 1.0000 | tok/s 3000" in r.stdout
-    assert f"{store_url}/runs/full/report/report.md" in r.stdout
-    assert f"VIBECHAT_STORE={store_url} streamlit run dashboard/app.py" in r.stdout
+    return store_url, r
 
+
+def test_a_run_goes_through_every_phase_and_status_shows_each_succeeded(full_run, capsys):
+    store_url, _ = full_run
     code, status, _ = run_controller_here(["status", "full", "--store", store_url], capsys)
     assert code == 0 and status.startswith("run full: succeeded")
     for phase in PHASES:
         assert re.search(rf"^{phase}\s+succeeded\s+1\s", status, re.M), status
         assert len(trail(store_url, "full", phase, "completions")) == 1
 
+
+def test_start_says_why_it_chose_its_backend(full_run):
+    assert "backend local: the store is a local folder" in full_run[1].stdout
+
+
+def test_start_shows_a_phase_progress_line(full_run):
+    assert "base | step 3/3 (100%) | loss 1.0000 | tok/s 3000" in full_run[1].stdout
+
+
+def test_a_finished_run_says_where_its_report_is_and_how_to_open_the_dashboard(full_run):
+    store_url, r = full_run
+    assert f"{store_url}/runs/full/report/report.md" in r.stdout
+    assert f"VIBECHAT_STORE={store_url} streamlit run dashboard/app.py" in r.stdout
+
+
+def test_a_phase_gets_the_store_the_run_the_dataset_and_unbuffered_output(full_run):
+    store_url, _ = full_run
     env = json.loads(open_store(store_url).get_text("runs/full/fake/base/env.json"))
     assert env["VIBECHAT_STORE"] == store_url and env["VIBECHAT_RUN"] == "full"
     assert env["VIBECHAT_DATASET"] == "pydocs" and env["PYTHONUNBUFFERED"] == "1"
     assert int(env["OMP_NUM_THREADS"]) >= 1
 
 
-def test_resume_from_a_phase_redoes_it_and_what_follows_only(store_url, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """(store, the resume command's outcome) of a run that succeeded, then was resumed from its report phase."""
+    tmp_path = tmp_path_factory.mktemp("again")
+    store_url = str(tmp_path / "store")
     assert controller("start", "--preset", "ci", "--config", fake_config(tmp_path), "--run-id", "again",
                       store=store_url).returncode == 0
     r = controller("resume", "again", "--from", "report", store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "note: checkpoints of report are kept" in r.stdout
+    return store_url, r
+
+
+def test_resume_from_a_phase_redoes_it_and_what_follows_only(resumed_run):
+    store_url, _ = resumed_run
     run = run_json(store_url, "again")
     assert run.phases["base"].attempt == 1 and run.phases["report"].attempt == 2
     assert len(trail(store_url, "again", "base", "starts")) == 1
     assert len(trail(store_url, "again", "report", "starts")) == 2
 
+
+def test_resume_from_a_phase_says_its_checkpoints_are_kept(resumed_run):
+    assert "note: checkpoints of report are kept" in resumed_run[1].stdout
+
+
+def test_resume_help_says_what_from_does_with_checkpoints(store_url):
     helped = controller("resume", "--help", store=store_url).stdout
     assert "a training phase that has checkpoints continues from its newest" in " ".join(helped.split())
 
+
+def test_logs_shows_an_earlier_attempt_of_a_phase(resumed_run, capsys):
+    store_url, _ = resumed_run
     code, logs, _ = run_controller_here(["logs", "again", "report", "--attempt", "1", "--store", store_url], capsys)
     assert code == 0 and "step 3/3 | loss 1.0000" in logs
+
+
+def test_list_shows_each_run_with_its_preset_and_status(resumed_run, capsys):
+    store_url, _ = resumed_run
     code, listing, _ = run_controller_here(["list", "--store", store_url], capsys)
-    assert re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
+    assert code == 0 and re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
 
 
 def test_a_failing_phase_is_retried_then_fails_the_run_and_resume_goes_on(store_url, tmp_path):

@@ -12,7 +12,9 @@ Under a run's folder:
     checkpoints/<stage>/<model_tag>/        model_, optim_ and meta_<step> files (checkpoint_manager)
     metrics/<phase>.jsonl                   one JSON object per logged step (metrics)
     report/                                 a section per phase and report.md (report)
+    export/hf/                              the last stage's model as a transformers folder (jobs.export)
     logs/<phase>-<attempt>.log              the output of each attempt of a phase
+    export/hf/                              the last stage as a transformers NanoChat folder (jobs.export)
 """
 
 import re
@@ -27,6 +29,7 @@ METRICS_DIR = "metrics"
 REPORT_DIR = "report"
 REPORT_NAME = "report.md"
 REPORT_FILE = f"{REPORT_DIR}/{REPORT_NAME}"
+EXPORT_DIR = "export/hf"
 EVAL_BUNDLE_DIR = "data/eval_bundle"
 SHARD_NAME = re.compile(r"shard_(\d{5})\.parquet")
 

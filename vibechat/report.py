@@ -24,7 +24,7 @@ from datetime import datetime
 import psutil
 import torch
 
-from vibechat.common import get_base_dir, get_dist_info
+from vibechat.common import format_duration, get_base_dir, get_dist_info
 from vibechat.layout import REPORT_DIR, REPORT_NAME, STAGES, eval_metrics_key, join
 from vibechat.metrics import read_metrics
 from vibechat.storage import open_store
@@ -53,12 +53,6 @@ def format_value(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------------------
