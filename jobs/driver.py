@@ -6,9 +6,10 @@ import sys
 import time
 
 from jobs import pipeline
-from jobs.backends import Backend, PhaseJob
+from jobs.backends import Backend, JobStatus, PhaseJob
 from jobs.console import Console
 from jobs.runstore import LEASE_SECONDS, RunNotFound, claim, read_run, write_run
+from vibechat import liveness
 from vibechat.common import VibechatError, format_duration, get_store_url
 from vibechat.layout import in_run, log_key
 from vibechat.storage import LocalStore, PreconditionFailed, S3Store, Store, open_store
@@ -66,6 +67,8 @@ def phase_job(run: pipeline.RunState, store: Store, phase: str, attempt: int) ->
     env = {
         "VIBECHAT_STORE": store_root(store),
         "VIBECHAT_RUN": run.run_id,
+        "VIBECHAT_PHASE": phase,  # with VIBECHAT_ATTEMPT: the liveness record the phase renews
+        "VIBECHAT_ATTEMPT": str(attempt),
         "VIBECHAT_DATASET": run.config["dataset"],
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(run.config["omp_num_threads"] or os.cpu_count() or 1),
@@ -114,6 +117,9 @@ class Driver:
             # record the attempt before starting it: a crash in between resubmits the same job name, never a new one
             if not self._write(run, version):
                 return None
+            # alive from now for any controller, until the phase renews it itself (or fails to start in time)
+            liveness.write(self.store, run.run_id, job.phase, job.attempt,
+                           liveness.Liveness(self.owner, now + liveness.TTL_SECONDS))
             self.backend.submit(job)
             self.watching, self.offsets[job.name] = job, 0
             self.say(f"{action.phase}: started attempt {action.attempt} as {job.name}")
@@ -140,6 +146,14 @@ class Driver:
         """Follow the phase's job; True when its end was recorded in `run`."""
         self.watching = job
         status = self.backend.status(job)
+        # a job this machine's backend does not know may run (or have ended) on another: its liveness record says
+        elsewhere = self._elsewhere(job, now) if status.state == "missing" else None
+        if elsewhere and elsewhere.state == "running":
+            if job.name not in self.offsets:
+                self.offsets[job.name] = 0
+                self.say(f"{job.phase}: following {job.name}, {elsewhere.message}")
+            return False
+        status = elsewhere or status
         self._follow(job, now)
         if status.state == "missing":
             # recorded as running but never started: the last controller stopped between the two
@@ -151,7 +165,8 @@ class Driver:
                 self._upload_log(job, now)
             self.uploaded_at.setdefault(job.name, now)
             return False
-        self._upload_log(job, now)
+        if not elsewhere:  # its output is on the other machine, whose controller copied it while it could
+            self._upload_log(job, now)
         if status.state == "succeeded":
             pipeline.mark_succeeded(run, job.phase, now)
             p = run.phases[job.phase]
@@ -164,6 +179,21 @@ class Driver:
             self.say(f"{job.phase}: attempt {job.attempt} failed: {status.message}{retry}")
         self.watching = None
         return True
+
+    def _elsewhere(self, job: PhaseJob, now: float) -> JobStatus | None:
+        """The job's status by its liveness record (running elsewhere, ended, or dead); None without a record."""
+        record = liveness.read(self.store, job.run_id, job.phase, job.attempt)
+        if record is None:
+            return None
+        if record.alive(now):
+            return JobStatus("running", f"running on {record.owner}")
+        if record.exit_code == 0:
+            return JobStatus("succeeded")
+        if record.exit_code is not None:
+            return JobStatus("failed", f"exit code {record.exit_code} on {record.owner}")
+        until = time.strftime("%H:%M:%S", time.localtime(record.deadline))
+        return JobStatus("failed", f"its process {record.owner} stopped renewing its liveness record (due {until}): "
+                                   "it died or never started")
 
     def _follow(self, job: PhaseJob, now: float) -> None:
         read_log = getattr(self.backend, "read_log", None)  # only backends that can stream have it
