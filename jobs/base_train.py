@@ -88,7 +88,7 @@ def main(argv=None) -> None:
     train_model = compiled(model, args.compile, device)
     train_batches = ResumableBatches(prefetched(tokenizing_distributed_data_loader_with_state(
         B, T, "train", device=device, resume_state=loader_state)), loader_state)
-    metrics = MetricsLogger("base")
+    metrics = MetricsLogger("base", resume_step=start_step)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
     peak = peak_flops(device)
     smooth_loss = meta.get("smooth_loss", 0.0)

@@ -153,7 +153,7 @@ def main(argv=None) -> None:
 
     optimizers = make_optimizers(model, args, args.init_lr_frac)
     restore_training_state(optimizers, start.optim_data)  # no data position: a step's questions follow from its number
-    metrics = MetricsLogger("rl")
+    metrics = MetricsLogger("rl", resume_step=start_step)
     passes = start.meta.get("pass_at_k")
     train_seconds = start.meta.get("train_seconds", 0.0)
 

@@ -119,7 +119,7 @@ def main(argv=None) -> None:
     loader_state = restore_training_state(optimizers, start.optim_data)
     train_batches = ResumableBatches(sft_batches(train_set, tokenizer, B, max_len, rank, world_size, loader_state,
                                                  device), loader_state)
-    metrics = MetricsLogger("sft")
+    metrics = MetricsLogger("sft", resume_step=start_step)
     val_loss = start.meta.get("val_loss")
     train_seconds = start.meta.get("train_seconds", 0.0)
 

@@ -1,6 +1,6 @@
 """A checkpoint to and from the Hugging Face transformers format (NanoChat).
 
-    python -m jobs.export --source sft --out DIR              # or s3://bucket/prefix; --model-tag, --step
+    python -m jobs.export --source sft --out DIR              # or s3://bucket/prefix; --run, --model-tag, --step
     python -m jobs.export --import DIR --source sft           # DIR back into the run as checkpoints/sft/<tag>/
 
 The exported folder loads with transformers' own classes (AutoModelForCausalLM / AutoTokenizer, no
@@ -28,11 +28,11 @@ from dataclasses import asdict
 
 import torch
 
-from jobs.phase import load_eval_model
-from vibechat.checkpoint_manager import build_model, find_largest_model, find_last_step, save_checkpoint
+from jobs.phase import checkpoint_root, largest_model_tag, load_eval_model
+from vibechat.checkpoint_manager import build_model, find_last_step, save_checkpoint
 from vibechat.common import VibechatError, get_base_dir, nonnegative_int, print0, run_main
 from vibechat.gpt import SOFTCAP, GPTConfig
-from vibechat.layout import CHECKPOINTS_DIR, EXPORT_DIR, STAGES, checkpoint_dir, join
+from vibechat.layout import CHECKPOINTS_DIR, EXPORT_DIR, STAGES, join
 from vibechat.report import stage_scores, summary_table
 from vibechat.storage import LocalStore, Store, open_store
 from vibechat.tokenizer import (BYTE_OF_CHAR, RustBPETokenizer, TokenizerError, default_tokenizer_dir,
@@ -396,7 +396,7 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
         raise ExportError(f"{folder}'s tokenizer differs from the run's ({tokenizer_dir}): import into a new run "
                           "(another VIBECHAT_RUN), where it becomes the run's tokenizer")
     model_tag = model_tag or f"d{config.n_layer}"
-    target = join(get_base_dir(), checkpoint_dir(source, model_tag))
+    target = join(checkpoint_root(source), model_tag)
     try:
         newest = find_last_step(target)
     except FileNotFoundError:
@@ -417,24 +417,23 @@ def import_folder(folder: str, source: str, model_tag: str | None, step: int | N
 
 def last_stage() -> str:
     """The latest stage (rl, sft, mid, base) with a checkpoint in this run: what the pipeline's export phase writes."""
-    for stage in reversed(STAGES):
-        try:
-            find_largest_model(join(get_base_dir(), checkpoint_dir(stage)))
-            return stage
-        except FileNotFoundError:
-            continue
-    raise ExportError(f"no checkpoint in {join(get_base_dir(), CHECKPOINTS_DIR)}: train a model first "
-                      "(python -m jobs.base_train)")
+    stage = next((stage for stage in reversed(STAGES) if largest_model_tag(stage)), None)
+    if stage is None:
+        raise ExportError(f"no checkpoint in {join(get_base_dir(), CHECKPOINTS_DIR)}: train a model first "
+                          "(python -m jobs.base_train)")
+    return stage
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.export", description=(
         "Write a checkpoint as a transformers NanoChat folder, or bring one back with --import."))
+    parser.add_argument("--run", default=None,
+                        help="the run in $VIBECHAT_STORE to export from or import into (default: $VIBECHAT_RUN)")
     parser.add_argument("--import", dest="import_dir", metavar="DIR",
                         help="an exported folder (or store URL) to turn into a checkpoint of --source")
     parser.add_argument("--out", default=None,
                         help=f"folder or store URL (s3://...) to export to, empty or absent (default: the run's {EXPORT_DIR})")
-    parser.add_argument("--source", default=None, choices=list(STAGES),
+    parser.add_argument("--source", default=None, choices=STAGES,
                         help="which phase's checkpoint to export (default: the latest stage that has one), "
                              "or to import as (required)")
     parser.add_argument("--model-tag", default=None,
@@ -453,12 +452,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # several copies would race for the same --out
         raise ExportError("export runs as one process: give its phase nproc_per_node 1 and nnodes 1")
+    if args.run:  # get_base_dir() is then <store>/runs/<run>, as in a phase the controller starts
+        os.environ.pop("VIBECHAT_BASE_DIR", None)
+        os.environ["VIBECHAT_RUN"] = args.run
     if args.import_dir is not None:
         what = import_folder(args.import_dir, args.source, args.model_tag, args.step)
         print0(f"imported {args.import_dir} as {what}")
         return
     source = args.source or last_stage()
-    out = args.out or open_store(get_base_dir()).uri(EXPORT_DIR)
+    out = args.out or join(get_base_dir(), EXPORT_DIR)
     what = export(source, args.model_tag, args.step, out)
     print0(f"exported {what} to {out}")
 

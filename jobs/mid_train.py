@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     train_model = compiled(model, args.compile, device)
     train_batches = ResumableBatches(conversation_batches(train_set, tokenizer, B, T, rank, world_size, loader_state,
                                                           device), loader_state)
-    metrics = MetricsLogger("mid")
+    metrics = MetricsLogger("mid", resume_step=start_step)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
     smooth_loss = start.meta.get("smooth_loss", 0.0)
     val_bpb = start.meta.get("val_bpb")

@@ -92,9 +92,9 @@ def exported(request) -> Exported:
     return request.getfixturevalue(request.param)
 
 
-def test_the_folder_has_every_file_transformers_loads():
-    assert set(jobs.export.FILES) == {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-                                      "tokenizer_config.json", "chat_template.jinja", "README.md"}
+def test_the_folder_holds_the_files_of_the_format_and_nothing_else(tiny):
+    assert sorted(os.listdir(tiny.out)) == ["README.md", "chat_template.jinja", "config.json", "generation_config.json",
+                                            "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
 def test_transformers_nanochat_logits_equal_vibechat_gpt_logits(exported):
@@ -209,6 +209,14 @@ def test_model_card_has_the_runs_summary_table_and_how_it_was_trained(ci):
     assert "| Metric | BASE | MID | SFT | RL |" in card
 
 
+def test_run_names_the_run_of_the_store_to_export_from(ci, tmp_path):
+    store = os.path.dirname(os.path.dirname(ci.base))
+    result = run_phase("jobs.export", ["--run", "r1", "--source", "base", "--out", str(tmp_path / "hf")],
+                       {"VIBECHAT_STORE": store})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"exported base model d2 step 4 to {tmp_path}/hf"
+
+
 def test_export_then_import_round_trips_the_weights_exactly(tiny, tmp_path):
     base = str(tmp_path / "other-run")
     result = export_cli(base, "--import", tiny.out, "--source", "sft")
@@ -258,6 +266,12 @@ def test_a_missing_checkpoint_is_one_error_and_writes_nothing(tmp_path):
     assert_one_error(result, f"no 'mid' checkpoint in {base}/checkpoints/mid: run the mid phase first "
                              "(python -m jobs.mid_train)")
     assert sorted(os.listdir(base)) == ["tokenizer"]
+
+
+def test_the_pipelines_call_without_any_checkpoint_says_to_train_first(tmp_path):
+    result = export_cli(str(tmp_path))
+    assert_one_error(result, f"no checkpoint in {tmp_path}/checkpoints: train a model first (python -m jobs.base_train)")
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_non_empty_out_is_one_error_and_keeps_what_is_there(tiny, tmp_path):

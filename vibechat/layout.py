@@ -14,6 +14,7 @@ Under a run's folder:
     report/                                 a section per phase and report.md (report)
     export/hf/                              the last stage's model as a transformers folder (jobs.export)
     logs/<phase>-<attempt>.log              the output of each attempt of a phase
+    export/hf/                              the last stage as a transformers NanoChat folder (jobs.export)
 """
 
 import re
