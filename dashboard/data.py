@@ -16,7 +16,7 @@ from jobs import pipeline as pl
 from jobs.controller import list_run_ids, log_key, make_backend, phase_job, read_run
 from vibechat.checkpoint_manager import PHASE_PROGRAMS
 from vibechat.common import VibechatError
-from vibechat.metrics import read_metrics
+from vibechat.metrics import read_metrics_frame
 from vibechat.report import STAGES, format_duration
 from vibechat.storage import Store, open_store
 
@@ -92,8 +92,7 @@ def clock(t: float | None) -> str:
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def load_metrics(url: str, run_id: str, phase: str) -> tuple[pd.DataFrame, int]:
     """metrics/<phase>.jsonl of a run as a frame, and how many corrupt lines were skipped."""
-    records, bad = read_metrics(store(url), f"runs/{run_id}/metrics/{phase}.jsonl")
-    return pd.DataFrame.from_records(records), bad
+    return read_metrics_frame(store(url), f"runs/{run_id}/metrics/{phase}.jsonl")
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)

@@ -69,6 +69,21 @@ class MetricsLogger:
             _GAUGES[name].labels(phase=self.phase).set(value)
 
 
+def read_metrics_frame(store, key: str):
+    """read_metrics as a pandas DataFrame (a column per field), parsed by Arrow's JSON reader: 200,000 lines in a
+    fraction of the time json.loads takes line by line. A file with a corrupt line goes the slow way, line by line."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.json
+
+    data = b"".join(store.get_bytes(k) for k in segment_keys(store, key))
+    try:
+        return pa.json.read_json(pa.BufferReader(data)).to_pandas(), 0
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a torn or hand-edited line, or a field changing type
+        records, bad = read_metrics(store, key)
+        return pd.DataFrame.from_records(records), bad
+
+
 def read_metrics(store, key: str) -> tuple[list[dict], int]:
     """All records of a metrics file (every segment, in order) and the number of corrupt lines skipped."""
     text = "".join(store.get_text(k) for k in segment_keys(store, key))
