@@ -70,13 +70,19 @@ def display_text(tokenizer, tokens: list[int]) -> str:
     python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
     output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
     pieces, run, inside = [], [], None  # run: tokens since the last marker; inside: the open marker, if any
+
+    def text(run: list[int]) -> str:  # a space keeps "→ `64`" apart from the model's own "64 dollars"
+        shown = verbatim(tokenizer.decode(run))
+        return f" {shown}" if pieces and pieces[-1].startswith(" → ") and shown[:1].isalnum() else shown
+
     for token in tokens:
         if token in (python_start, output_start):
             if inside is None:
-                pieces.append(verbatim(tokenizer.decode(run)))
+                pieces.append(text(run))
             run, inside = [], token
         elif token == python_end and inside == python_start:
-            pieces.append(f"🧮 `{tokenizer.decode(run)}`")
+            space = " " if pieces and pieces[-1] and not pieces[-1][-1].isspace() else ""
+            pieces.append(f"{space}🧮 `{tokenizer.decode(run)}`")
             run, inside = [], None
         elif token == output_end and inside == output_start:
             pieces.append(f" → `{tokenizer.decode(run)}`")
@@ -84,7 +90,7 @@ def display_text(tokenizer, tokens: list[int]) -> str:
         else:
             run.append(token)
     if inside is None:
-        pieces.append(verbatim(tokenizer.decode(run)))
+        pieces.append(text(run))
     return "".join(pieces)
 
 
