@@ -4,6 +4,7 @@ download."""
 import streamlit as st
 
 from dashboard import data
+from vibechat.layout import CHECKPOINTS_DIR, in_run
 
 url, run_id = st.session_state.store_url, st.session_state.run_id
 st.title(f"Artifacts · {run_id}")
@@ -12,7 +13,7 @@ st.subheader("Checkpoints")
 table = data.checkpoint_table(url, run_id)
 if len(table):
     st.dataframe(table, hide_index=True, width="stretch", height=36 + 35 * len(table))
-    st.caption(f"In {data.store(url).uri(f'runs/{run_id}/checkpoints/')}")
+    st.caption(f"In {data.store(url).uri(in_run(run_id, CHECKPOINTS_DIR))}/")
 else:
     st.info(f"Run {run_id} has no checkpoint yet: the base, mid, sft and rl phases write them as they train.")
 

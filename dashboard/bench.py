@@ -17,9 +17,10 @@ import tempfile
 import time
 
 from dashboard.browser import launch, serve
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.config import load_config
-from jobs.controller import write_run
+from jobs.runstore import write_run
+from vibechat.layout import in_run, metrics_key
 from vibechat.metrics import SEGMENT_BYTES
 from vibechat.storage import open_store
 
@@ -40,11 +41,11 @@ def write_long_run(store_url: str, run_id: str, lines: int) -> None:
         chunk.append(line)
         size += len(line)
     store.put_text(_segment_key(run_id, segment), "".join(chunk))
-    write_run(store, pl.new_run(run_id, "tiny", load_config("tiny"), "local", time.time()), None)
+    write_run(store, pipeline.new_run(run_id, "tiny", load_config("tiny"), "local", time.time()), None)
 
 
 def _segment_key(run_id: str, number: int) -> str:
-    return f"runs/{run_id}/metrics/base.jsonl" + (f".{number:06d}" if number else "")
+    return in_run(run_id, metrics_key("base")) + (f".{number:06d}" if number else "")
 
 
 def time_first_chart(store_url: str, log_path: str) -> float:

@@ -12,19 +12,20 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from jobs import pipeline as pl
-from jobs.controller import list_run_ids, log_key, make_backend, phase_job, read_run
-from vibechat.checkpoint_manager import PHASE_PROGRAMS
-from vibechat.common import VibechatError
+from jobs import pipeline
+from jobs.driver import phase_log as driver_phase_log
+from jobs.runstore import list_run_ids, read_run
+from vibechat.common import VibechatError, format_duration
+from vibechat.layout import (CHECKPOINTS_DIR, METRICS_DIR, REPORT_FILE, STAGES, checkpoint_dir, checkpoint_meta, in_run,
+                             metrics_key, metrics_phase, run_dir)
 from vibechat.metrics import read_metrics_frame
-from vibechat.report import STAGES, format_duration
 from vibechat.storage import Store, open_store
 
 REFRESH_SECONDS = 5  # how often pages of an active run reread the store
 MAX_POINTS = 1000  # most points drawn per line: a low and a high per pixel pair of a half-width chart; drawing
 # 2,000 points a line instead doubles the time to the first chart (python -m dashboard.bench)
-STATE_ICONS = {pl.SUCCEEDED: "✅", pl.FAILED: "❌", pl.RUNNING: "⏳", pl.PENDING: "⏸️", pl.SKIPPED: "⏭️",
-               pl.CANCELLED: "⛔"}
+STATE_ICONS = {pipeline.SUCCEEDED: "✅", pipeline.FAILED: "❌", pipeline.RUNNING: "⏳", pipeline.PENDING: "⏸️", pipeline.SKIPPED: "⏭️",
+               pipeline.CANCELLED: "⛔"}
 NOT_METRICS = {"step", "tokens", "time", "dt"}  # axes and bookkeeping, not charts (tokens/s tells what dt does)
 
 
@@ -34,7 +35,7 @@ def store(url: str) -> Store:
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def list_runs(url: str) -> tuple[list[pl.RunState], list[str]]:
+def list_runs(url: str) -> tuple[list[pipeline.RunState], list[str]]:
     """The store's runs, newest first, and one line for each run.json that cannot be read."""
     runs, problems = [], []
     for run_id in list_run_ids(store(url)):
@@ -45,24 +46,24 @@ def list_runs(url: str) -> tuple[list[pl.RunState], list[str]]:
     return sorted(runs, key=lambda r: r.created_at, reverse=True), problems
 
 
-def is_active(run: pl.RunState) -> bool:
-    return pl.run_status(run) == pl.RUNNING
+def is_active(run: pipeline.RunState) -> bool:
+    return pipeline.run_status(run) == pipeline.RUNNING
 
 
-def runs_table(runs: list[pl.RunState]) -> pd.DataFrame:
+def runs_table(runs: list[pipeline.RunState]) -> pd.DataFrame:
     rows = []
     for run in runs:
-        status = pl.run_status(run)
+        status = pipeline.run_status(run)
         rows.append({"run": run.run_id, "preset": run.preset, "backend": run.backend,
-                     "status": state_label(status), "current phase": pl.next_phase(run) or "—",
+                     "status": state_label(status), "current phase": pipeline.next_phase(run) or "—",
                      "created": clock(run.created_at)})
     return pd.DataFrame(rows)
 
 
-def phase_table(run: pl.RunState, now: float) -> pd.DataFrame:
+def phase_table(run: pipeline.RunState, now: float) -> pd.DataFrame:
     """One row per phase: state, latest attempt, start and end (local time), duration (so far, while it runs), error."""
     rows = []
-    for name in pl.PHASES:
+    for name in pipeline.PHASES:
         p = run.phases[name]
         took = (p.ended_at or now) - p.started_at if p.started_at else None
         rows.append({"phase": name, "state": state_label(p.state), "attempt": p.attempt,
@@ -71,7 +72,7 @@ def phase_table(run: pl.RunState, now: float) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def phase_spans(run: pl.RunState, now: float) -> pd.DataFrame:
+def phase_spans(run: pipeline.RunState, now: float) -> pd.DataFrame:
     """The phases that started, as bars for a timeline: phase, state, start and end (now while running)."""
     rows = [{"phase": name, "state": state_label(p.state), "attempt": p.attempt,
              "started": pd.Timestamp.fromtimestamp(p.started_at), "ended": pd.Timestamp.fromtimestamp(p.ended_at or now),
@@ -92,7 +93,7 @@ def clock(t: float | None) -> str:
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def load_metrics(url: str, run_id: str, phase: str) -> tuple[pd.DataFrame, int]:
     """metrics/<phase>.jsonl of a run as a frame, and how many corrupt lines were skipped."""
-    return read_metrics_frame(store(url), f"runs/{run_id}/metrics/{phase}.jsonl")
+    return read_metrics_frame(store(url), in_run(run_id, metrics_key(phase)))
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
@@ -113,10 +114,11 @@ def chart_points(url: str, run_id: str, phase: str, x: str, smoothing: float) ->
 def metric_phases(url: str, run_id: str, evaluations: bool = False) -> list[str]:
     """The phases of a run with training metrics, in pipeline order; with evaluations, also the evaluation
     phases' files (<stage>_eval: scores, not curves)."""
-    names = {m.group(1) for key in store(url).list(f"runs/{run_id}/metrics/")
-             if (m := re.fullmatch(r".*/metrics/([^/]+)\.jsonl", key)) and (evaluations or not m.group(1).endswith("_eval"))}
-    return sorted(names, key=lambda n: (pl.PHASES.index(n.removesuffix("_eval")) if n.removesuffix("_eval") in pl.PHASES
-                                        else len(pl.PHASES), n))
+    run = store(url).child(run_dir(run_id))
+    names = {name for key in run.list(METRICS_DIR + "/")
+             if (name := metrics_phase(key)) and (evaluations or not name.endswith("_eval"))}
+    order = {name: i for i, name in enumerate(pipeline.PHASES)}
+    return sorted(names, key=lambda n: (order.get(n.removesuffix("_eval"), len(order)), n))
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -147,7 +149,7 @@ def smooth(values: pd.Series, weight: float) -> pd.Series:
     return values.ewm(alpha=1 - weight, adjust=True).mean()
 
 
-def config_diff(runs: list[pl.RunState]) -> pd.DataFrame:
+def config_diff(runs: list[pipeline.RunState]) -> pd.DataFrame:
     """The settings (dotted keys of each run's frozen config, and its preset and backend) that differ between
     the runs: one row per setting, one column per run, "—" where a run lacks it."""
     flat = {run.run_id: {"preset": run.preset, "backend": run.backend, **_flatten(run.config)} for run in runs}
@@ -188,57 +190,49 @@ def eval_scores(url: str, run_ids: list[str]) -> tuple[pd.DataFrame, int]:
     return table[[s for s in STAGES if s in table.columns]], bad_total
 
 
-def phase_log(url: str, run: pl.RunState, phase: str, attempt: int) -> str:
-    """The output of one attempt of a phase, as `python -m jobs.controller logs` prints it: from the backend while
-    it runs (the store's copy lags behind) or when the store has none, else the copy in the store."""
-    p = run.phases[phase]
-    job = phase_job(run, store(url), phase, attempt)
-    if p.state == pl.RUNNING and attempt == p.attempt:
-        return make_backend(run, store(url)).logs(job)
-    try:
-        return store(url).get_text(log_key(run.run_id, phase, attempt))
-    except FileNotFoundError:
-        return make_backend(run, store(url)).logs(job)
+def phase_log(url: str, run: pipeline.RunState, phase: str, attempt: int) -> str:
+    """The output of one attempt of a phase, as `python -m jobs.controller logs` prints it."""
+    return driver_phase_log(store(url), run, phase, attempt)
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def read_report(url: str, run_id: str) -> str | None:
     try:
-        return store(url).get_text(f"runs/{run_id}/report/report.md")
+        return store(url).get_text(in_run(run_id, REPORT_FILE))
     except FileNotFoundError:
         return None
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def checkpoints(url: str, run_id: str) -> dict[str, dict[str, list[int]]]:
-    """source -> model tag (deepest first) -> committed steps (newest first); a step counts once its meta is written."""
+    """stage -> model tag (deepest first) -> committed steps (newest first); a step counts once its meta is written."""
     found: dict[str, dict[str, list[int]]] = {}
-    for key in store(url).list(f"runs/{run_id}/checkpoints/"):
-        m = re.fullmatch(r".*/checkpoints/([^/]+)/([^/]+)/meta_(\d+)\.json", key)
-        if m:
-            found.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(int(m.group(3)))
-    order = list(PHASE_PROGRAMS)  # base, mid, sft, rl
-    return {source: {tag: sorted(found[source][tag], reverse=True) for tag in sorted(found[source], key=_tag_size)}
-            for source in sorted(found, key=lambda s: order.index(s) if s in order else len(order))}
+    run = store(url).child(run_dir(run_id))
+    for key in run.list(CHECKPOINTS_DIR + "/"):
+        if (meta := checkpoint_meta(key)) is not None:
+            stage, tag, step = meta
+            found.setdefault(stage, {}).setdefault(tag, []).append(step)
+    order = list(STAGES)
+    return {stage: {tag: sorted(found[stage][tag], reverse=True) for tag in sorted(found[stage], key=_tag_size)}
+            for stage in sorted(found, key=lambda s: order.index(s) if s in order else len(order))}
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def checkpoint_table(url: str, run_id: str) -> pd.DataFrame:
-    """One row per committed checkpoint: phase, model, step, size of its files (model, optimizer shards, meta) and
-    when its meta was written (the commit), phases in pipeline order, the newest step first."""
-    found = checkpoints(url, run_id)
-    keys = store(url).list(f"runs/{run_id}/checkpoints/")
+    """One row per committed checkpoint: stage, model, step, size of its files (model, optimizer shards, meta) and
+    when its meta was written (the commit); stages in pipeline order, the newest step first."""
+    run = store(url).child(run_dir(run_id))
+    keys = run.list(CHECKPOINTS_DIR + "/")
     rows = []
-    for source, tags in found.items():
+    for stage, tags in checkpoints(url, run_id).items():
         for tag, steps in tags.items():
-            folder = f"runs/{run_id}/checkpoints/{source}/{tag}/"
+            folder = checkpoint_dir(stage, tag) + "/"
             for step in steps:
                 files = [k for k in keys if k.startswith(folder) and re.search(rf"_{step:06d}(_rank\d+)?\.\w+$", k)]
-                size = sum(store(url).stat(k)[0] for k in files)
-                written = store(url).stat(f"{folder}meta_{step:06d}.json")[1]
-                rows.append({"phase": source, "model": tag, "step": step, "size (MB)": round(size / 1e6, 2),
-                             "written": clock(written), "files": len(files)})
-    return pd.DataFrame(rows, columns=["phase", "model", "step", "size (MB)", "written", "files"])
+                rows.append({"stage": stage, "model": tag, "step": step,
+                             "size (MB)": round(sum(run.stat(k)[0] for k in files) / 1e6, 2),
+                             "written": clock(run.stat(f"{folder}meta_{step:06d}.json")[1]), "files": len(files)})
+    return pd.DataFrame(rows, columns=["stage", "model", "step", "size (MB)", "written", "files"])
 
 
 def _tag_size(tag: str) -> tuple[int, str]:

@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dashboard import data, view
-from jobs import pipeline as pl
+from jobs import pipeline
 from vibechat.common import VibechatError
 
 MAX_LINES = 2000  # shown; the download holds every line
@@ -11,18 +11,18 @@ MAX_LINES = 2000  # shown; the download holds every line
 url, run_id = st.session_state.store_url, st.session_state.run_id
 st.title(f"Logs · {run_id}")
 run = next(run for run in data.list_runs(url)[0] if run.run_id == run_id)
-started = [name for name in pl.PHASES if run.phases[name].attempt]
+started = [name for name in pipeline.PHASES if run.phases[name].attempt]
 if not started:
     st.info(f"No phase of run {run_id} has started yet.")
     st.stop()
 phase_column, attempt_column = st.columns([4, 1])
-view.init("logs_phase", pl.next_phase(run) if pl.next_phase(run) in started else started[-1], started, param="phase")
+view.init("logs_phase", pipeline.next_phase(run) if pipeline.next_phase(run) in started else started[-1], started, param="phase")
 phase = phase_column.segmented_control("Phase", started, key="logs_phase") or started[-1]
 attempts = list(range(run.phases[phase].attempt, 0, -1))
 view.init("logs_attempt", attempts[0], attempts)
 attempt = attempt_column.selectbox("Attempt", attempts, key="logs_attempt", help="the latest first")
 view.share(phase=phase)
-following = run.phases[phase].state == pl.RUNNING and attempt == run.phases[phase].attempt
+following = run.phases[phase].state == pipeline.RUNNING and attempt == run.phases[phase].attempt
 
 
 @st.fragment(run_every=data.REFRESH_SECONDS if following else None)

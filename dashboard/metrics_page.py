@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data, view
+from vibechat.layout import metrics_key
 
 url, run_id = st.session_state.store_url, st.session_state.run_id
 # the usual metrics first, in this order, with their titles and units; any other numeric field follows as it is
@@ -54,7 +55,7 @@ def show_charts(run_ids: list[str]) -> None:
         for r in run_ids:
             points, bad = data.chart_points(url, r, phase, x, smoothing)
             if bad:
-                st.warning(f"Skipped {bad} corrupt line{'s' if bad > 1 else ''} in {r}'s metrics/{phase}.jsonl.")
+                st.warning(f"Skipped {bad} corrupt line{'s' if bad > 1 else ''} in {r}'s {metrics_key(phase)}.")
             charts.append((r, points))
         metrics = list(dict.fromkeys(m for _, points in charts for m in points))
         metrics.sort(key=lambda m: list(TITLES).index(m) if m in TITLES else len(TITLES))

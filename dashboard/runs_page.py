@@ -1,28 +1,26 @@
 """Runs: every run in the store and the timeline of its phases, with Stop and Resume; rereads the store every few
 seconds, so a run started or moved on elsewhere shows without a reload."""
 
-import argparse
 import time
 
 import altair as alt
 import streamlit as st
 
 from dashboard import data
-from jobs import controller
-from jobs import pipeline as pl
+from jobs import driver, pipeline
 from vibechat.common import VibechatError
 
 url = st.session_state.store_url
-STATE_COLORS = {pl.SUCCEEDED: "#2ca02c", pl.FAILED: "#d62728", pl.RUNNING: "#1f77b4", pl.PENDING: "#bbbbbb",
-                pl.SKIPPED: "#dddddd", pl.CANCELLED: "#ff7f0e"}
+STATE_COLORS = {pipeline.SUCCEEDED: "#2ca02c", pipeline.FAILED: "#d62728", pipeline.RUNNING: "#1f77b4", pipeline.PENDING: "#bbbbbb",
+                pipeline.SKIPPED: "#dddddd", pipeline.CANCELLED: "#ff7f0e"}
 TIMES = {"created": st.column_config.TextColumn(width="medium"), "started": st.column_config.TextColumn(width="medium"),
          "ended": st.column_config.TextColumn(width="medium")}
 
 
-def show_timeline(run: pl.RunState, now: float) -> None:
-    for name in pl.PHASES:
+def show_timeline(run: pipeline.RunState, now: float) -> None:
+    for name in pipeline.PHASES:
         p = run.phases[name]
-        if p.state == pl.FAILED:
+        if p.state == pipeline.FAILED:
             st.error(f"**{name}** failed on attempt {p.attempt}: {p.error}")
         elif p.error:  # an attempt failed and the controller will try again
             st.warning(f"**{name}** attempt {p.attempt} failed, to be retried: {p.error}")
@@ -31,7 +29,7 @@ def show_timeline(run: pl.RunState, now: float) -> None:
         colors = alt.Scale(domain=[data.state_label(s) for s in STATE_COLORS], range=list(STATE_COLORS.values()))
         chart = alt.Chart(spans).mark_bar().encode(
             x=alt.X("started:T", title="local time", axis=alt.Axis(format="%m-%d %H:%M:%S", labelOverlap=True)),
-            x2="ended:T", y=alt.Y("phase:N", sort=pl.PHASES, title=None),
+            x2="ended:T", y=alt.Y("phase:N", sort=pipeline.PHASES, title=None),
             color=alt.Color("state:N", scale=colors, title=None, legend=alt.Legend(orient="bottom", columns=6)),
             tooltip=["phase", "state", "attempt", "duration"])
         st.altair_chart(chart, width="stretch")
@@ -40,22 +38,22 @@ def show_timeline(run: pl.RunState, now: float) -> None:
                  column_config={**TIMES, "error": st.column_config.TextColumn(width="large")})
 
 
-def show_controls(run: pl.RunState) -> None:
-    """Stop and Resume: what `python -m jobs.controller stop` and `resume` do, through the same functions."""
-    status = pl.run_status(run)
+def show_controls(run: pipeline.RunState) -> None:
+    """Stop and Resume: what `python -m jobs.controller stop` and `resume --detach` do, through the same functions."""
+    status = pipeline.run_status(run)
     stop_column, resume_column, _ = st.columns([1, 1, 6])
-    if stop_column.button("Stop", key=f"stop_{run.run_id}", icon="⛔", disabled=status in controller.OVER,
+    if stop_column.button("Stop", key=f"stop_{run.run_id}", icon="⛔", disabled=status in driver.OVER,
                           help="cancel the running phase; Resume goes on from where it stopped"):
         try:
-            controller.cmd_stop(argparse.Namespace(store=url, run_id=run.run_id))
+            driver.stop_run(data.store(url), run.run_id)
             st.toast(f"Run {run.run_id} cancelled")
         except VibechatError as e:
             st.error(f"Cannot stop run {run.run_id}: {e}")
-    if resume_column.button("Resume", key=f"resume_{run.run_id}", icon="▶️", disabled=status == pl.SUCCEEDED,
+    if resume_column.button("Resume", key=f"resume_{run.run_id}", icon="▶️", disabled=status == pipeline.SUCCEEDED,
                             help="drive the run on from its next phase, in a controller process of its own"):
         try:
-            controller.detach(data.store(url), run.run_id)
-            st.toast(f"Run {run.run_id} resumes in the background")
+            log_path = driver.drive_in_background(data.store(url), run.run_id)
+            st.toast(f"Run {run.run_id} resumes in the background (its controller's output: {log_path})")
         except VibechatError as e:
             st.error(f"Cannot resume run {run.run_id}: {e}")
 
@@ -67,7 +65,7 @@ def show_runs() -> None:
                  column_config=TIMES)
     now = time.time()
     for run in runs:
-        with st.expander(f"{run.run_id} · {run.preset} · {data.state_label(pl.run_status(run))}",
+        with st.expander(f"{run.run_id} · {run.preset} · {data.state_label(pipeline.run_status(run))}",
                          expanded=run.run_id == st.session_state.run_id):
             show_controls(run)
             show_timeline(run, now)

@@ -13,11 +13,12 @@ from dataclasses import asdict
 
 import torch
 
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.config import load_config
-from jobs.controller import log_key, write_run
+from jobs.runstore import write_run
 from vibechat.checkpoint_manager import save_checkpoint
 from vibechat.gpt import GPT, GPTConfig
+from vibechat.layout import in_run, log_key
 from vibechat.metrics import MetricsLogger
 from vibechat.report import Report
 from vibechat.storage import open_store
@@ -102,24 +103,24 @@ def write_metrics(base: str, seed: int) -> None:
 def write_run_json(store, run_id: str, seed: int) -> None:
     """The run as the controller records it: every phase up to rl done, rl failed on both its attempts."""
     now = time.time() - 600 * seed
-    run = pl.new_run(run_id, "tiny", load_config("tiny"), "local", now - 1800)
+    run = pipeline.new_run(run_id, "tiny", load_config("tiny"), "local", now - 1800)
     clock = now - 1790
-    for phase in pl.PHASES[:pl.PHASES.index(FAILED_PHASE)]:
-        pl.mark_running(run, phase, 1, f"vibechat-{run_id}-{phase}-1", clock)
+    for phase in pipeline.PHASES[:pipeline.PHASES.index(FAILED_PHASE)]:
+        pipeline.mark_running(run, phase, 1, f"vibechat-{run_id}-{phase}-1", clock)
         clock += 60 if phase in ("base", "mid", "sft") else 15
-        pl.mark_succeeded(run, phase, clock)
+        pipeline.mark_succeeded(run, phase, clock)
     for attempt in (1, 2):
         clock = max(clock, run.phases[FAILED_PHASE].ended_at or clock) + 10
-        pl.mark_running(run, FAILED_PHASE, attempt, f"vibechat-{run_id}-{FAILED_PHASE}-{attempt}", clock)
+        pipeline.mark_running(run, FAILED_PHASE, attempt, f"vibechat-{run_id}-{FAILED_PHASE}-{attempt}", clock)
         clock += 40
-        pl.mark_failed(run, FAILED_PHASE, RL_ERROR, clock)
+        pipeline.mark_failed(run, FAILED_PHASE, RL_ERROR, clock)
     write_run(store, run, None)
     for phase, p in run.phases.items():  # the output of each attempt, as the controller copies it into the store
         for attempt in range(1, p.attempt + 1):
             lines = [f"{phase} attempt {attempt}: step {step}/10 | loss {3 - step / 10:.2f}" for step in range(1, 11)]
             if phase == FAILED_PHASE:
                 lines.append(RL_ERROR.split(": ", 1)[1])
-            store.put_text(log_key(run_id, phase, attempt), "\n".join(lines) + "\n")
+            store.put_text(in_run(run_id, log_key(phase, attempt)), "\n".join(lines) + "\n")
 
 
 def fill_store(store_url: str, run_id: str = "tiny-demo", seed: int = 0) -> None:

@@ -15,9 +15,9 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from dashboard.browser import launch, serve
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.config import load_config
-from jobs.controller import read_run, write_run
+from jobs.runstore import read_run, write_run
 from tests.dashboard_fixture import RL_ERROR, fill_store
 from vibechat.storage import open_store
 
@@ -30,8 +30,8 @@ expect.set_options(timeout=WAIT_MS)
 
 def running_run(store: str, run_id: str, created: float) -> None:
     """A run whose data phase has been running for a minute."""
-    run = pl.new_run(run_id, "tiny", load_config("tiny"), "local", created)
-    pl.mark_running(run, "data", 1, f"vibechat-{run_id}-data-1", time.time() - 60)
+    run = pipeline.new_run(run_id, "tiny", load_config("tiny"), "local", created)
+    pipeline.mark_running(run, "data", 1, f"vibechat-{run_id}-data-1", time.time() - 60)
     write_run(open_store(store), run, None)
 
 
@@ -85,9 +85,11 @@ def save_screenshot(page, tmp_path, name: str) -> None:
 
 
 def choose(page, label: str, option: str) -> None:
+    """Pick an option of a selectbox or multiselect and wait for the script run it starts."""
     page.get_by_role("combobox", name=label).click()
     page.get_by_role("option", name=option, exact=True).click()
     page.keyboard.press("Escape")
+    settled(page)
 
 
 def say(page, text: str) -> None:
@@ -123,8 +125,8 @@ def test_runs_page_follows_an_active_run_without_a_reload(page, dashboard_url, s
     expect(runs_table).not_to_contain_text("tokenizer")
     # the controller moves the run on: data succeeded, the tokenizer phase started
     run, version = read_run(open_store(store), "tiny-live")
-    pl.mark_succeeded(run, "data", time.time())
-    pl.mark_running(run, "tokenizer", 1, "vibechat-tiny-live-tokenizer-1", time.time())
+    pipeline.mark_succeeded(run, "data", time.time())
+    pipeline.mark_running(run, "tokenizer", 1, "vibechat-tiny-live-tokenizer-1", time.time())
     write_run(open_store(store), run, version)
     expect(runs_table).to_contain_text("tokenizer")  # its current phase, redrawn by the page's refresh
 
@@ -147,7 +149,7 @@ def test_stop_cancels_a_running_run_as_the_controller_command_does(page, dashboa
     expander = page.get_by_test_id("stExpander").filter(has_text="tiny-stop · tiny")
     expander.get_by_role("button", name="Stop").click()
     expect(page.get_by_text("tiny-stop · tiny · ⛔ cancelled")).to_be_visible()
-    assert pl.run_status(read_run(open_store(store), "tiny-stop")[0]) == pl.CANCELLED
+    assert pipeline.run_status(read_run(open_store(store), "tiny-stop")[0]) == pipeline.CANCELLED
 
 
 # --- every page at its own URL, and the view in the URL -------------------------------------------------
