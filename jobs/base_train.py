@@ -20,7 +20,7 @@ from jobs.training import (grad_accumulation, lr_multiplier, make_optimizers, pe
                            train_step)
 from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto, synchronize
 from vibechat.gpt import GPT, config_for_depth
-from vibechat.metrics import MetricsLogger
+from vibechat.metrics import MetricsLogger, system_metrics
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,9 +131,7 @@ def main(argv=None) -> None:
             if peak:
                 record["mfu"] = num_flops_per_token * tok_per_sec / (peak * world_size)
             print0(progress_line(step, num_iterations, record) + f" | eta {(num_iterations - step) * dt / 60:.1f}m")
-            if device.type == "cuda":
-                record["gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
-            metrics.log(step=step, **record)
+            metrics.log(step=step, **record, **system_metrics(device))
 
     get_report().log(section="Base model training", data=[
         vars(args),

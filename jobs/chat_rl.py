@@ -28,7 +28,7 @@ from jobs.training import collate, global_sum, make_optimizers, set_lr, step_opt
 from tasks.registry import get_task
 from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto
 from vibechat.engine import Engine
-from vibechat.metrics import MetricsLogger
+from vibechat.metrics import MetricsLogger, system_metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
         if step % args.log_every == 0 or step == num_iterations:
             record = dict(loss=loss, reward=mean_reward, answer_tokens=mean_length, lr=lr_mult, dt=dt)
             print0(progress_line(step, num_iterations, record))
-            metrics.log(step=step, **record)
+            metrics.log(step=step, **record, **system_metrics(device))
 
     results = {"model": start.model_tag, f"{args.source} step": start.source_step, "iterations": num_iterations,
                "train time (min)": round(train_seconds / 60, 2), "ranks": world_size}

@@ -26,7 +26,7 @@ from jobs.phase import (ResumableBatches, add_training_args, check_loss, end_pha
 from jobs.training import (add_tasks_arg, collate, global_sum, make_optimizers, set_lr, step_optimizers,
                            task_mixture)
 from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto
-from vibechat.metrics import MetricsLogger
+from vibechat.metrics import MetricsLogger, system_metrics
 
 OFFLINE_SFT_TASKS = "multiple-choice-standin,arithmetic-standin,conversations-standin,identity," \
                     "simplespelling:300,spellingbee:300"
@@ -162,7 +162,7 @@ def main(argv=None) -> None:
         if step % args.log_every == 0 or step == num_iterations:
             record = dict(loss=loss, lr=lr_mult, dt=dt)
             print0(progress_line(step, num_iterations, record))
-            metrics.log(step=step, **record)
+            metrics.log(step=step, **record, **system_metrics(device))
 
     get_report().log(section="Chat SFT", data=[
         vars(args),

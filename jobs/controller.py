@@ -18,17 +18,17 @@ jobs/driver.py (backends and the Driver) and jobs/console.py (what the user sees
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
 from jobs import pipeline
 from jobs.config import check_phase_args, load_config, preset_names
 from jobs.console import Console
-from jobs.driver import OVER, Driver, local_state_dir, make_backend, phase_job, pick_backend, store_flag, store_root
+from jobs.driver import (OVER, Driver, drive_in_background, make_backend, phase_job, phase_log, pick_backend, stop_run,
+                         store_flag, store_root)
 from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, owner_id, read_run, write_run
 from vibechat.common import VibechatError, format_duration, get_store_url, run_main
-from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run, log_key
+from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run
 from vibechat.storage import PreconditionFailed, Store, open_store
 
 
@@ -59,13 +59,7 @@ def cmd_start(args) -> int:
 
 
 def detach(store: Store, run_id: str) -> int:
-    """Drive the run from a controller process of its own that outlives this one."""
-    log_dir = local_state_dir(store)
-    os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, f"{run_id}-controller.log")
-    with open(log_path, "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "jobs.controller", "resume", run_id, "--store", store_root(store)],
-                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    log_path = drive_in_background(store, run_id)
     flag = store_flag(store)
     print(f"driving run {run_id} in the background (its output: {log_path})")
     print(f"  status: python -m jobs.controller status {run_id}{flag}")
@@ -119,22 +113,13 @@ def cmd_resume(args) -> int:
 
 def cmd_stop(args) -> int:
     store = open_store(args.store)
-    while True:
-        run, version = read_run(store, args.run_id)
-        if pipeline.run_status(run) in OVER:
-            print(f"run {run.run_id} is already {pipeline.run_status(run)}")
-            return 0
-        running = pipeline.cancel(run, time.time())
-        try:
-            write_run(store, run, version)
-            break
-        except PreconditionFailed:
-            continue
-    backend = make_backend(run, store)
-    for name in running:
-        print(f"stopping {run.phases[name].job_name}")
-        backend.stop(phase_job(run, store, name, run.phases[name].attempt))
-    print(f"run {run.run_id} cancelled; `python -m jobs.controller resume {run.run_id}{store_flag(store)}` goes on "
+    stopped = stop_run(store, args.run_id)
+    if stopped is None:
+        print(f"run {args.run_id} is already {pipeline.run_status(read_run(store, args.run_id)[0])}")
+        return 0
+    for job_name in stopped:
+        print(f"stopping {job_name}")
+    print(f"run {args.run_id} cancelled; `python -m jobs.controller resume {args.run_id}{store_flag(store)}` goes on "
           "from where it stopped")
     return 0
 
@@ -197,14 +182,7 @@ def cmd_logs(args) -> int:
         raise VibechatError(f"phase {args.phase} of run {run.run_id} has not started yet ({p.state})")
     if not 1 <= attempt <= p.attempt:
         raise VibechatError(f"phase {args.phase} of run {run.run_id} has attempts 1..{p.attempt}, not {attempt}")
-    job = phase_job(run, store, args.phase, attempt)
-    if p.state == pipeline.RUNNING and attempt == p.attempt:  # the store's copy lags behind: ask the backend
-        text = make_backend(run, store).logs(job)
-    else:
-        try:
-            text = store.get_text(in_run(run.run_id, log_key(args.phase, attempt)))
-        except FileNotFoundError:  # its controller died before copying it: the backend may still have it
-            text = make_backend(run, store).logs(job)
+    text = phase_log(store, run, args.phase, attempt)
     sys.stdout.write(text)
     return 0
 

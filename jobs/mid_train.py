@@ -25,7 +25,7 @@ from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args
 from jobs.training import (add_tasks_arg, grad_accumulation, lr_multiplier, make_optimizers, set_schedules,
                            task_mixture, train_step)
 from vibechat.common import positive_int, print0, run_main, steps_or_auto, synchronize
-from vibechat.metrics import MetricsLogger
+from vibechat.metrics import MetricsLogger, system_metrics
 
 OFFLINE_MID_TASKS = "conversations-standin,multiple-choice-standin,arithmetic-standin,identity,identity," \
                     "simplespelling,spellingbee"
@@ -140,7 +140,7 @@ def main(argv=None) -> None:
             record = dict(loss=debiased, raw_loss=loss_value, lr=lr_mult, dt=dt,
                           tok_per_sec=args.total_batch_size / dt)
             print0(progress_line(step, num_iterations, record))
-            metrics.log(step=step, **record)
+            metrics.log(step=step, **record, **system_metrics(device))
 
     get_report().log(section="Midtraining", data=[
         vars(args),

@@ -37,6 +37,13 @@ def test_base_train_runs_to_the_end_and_commits_a_checkpoint(tmp_path):
     assert "step 6/6" in result.stdout
 
 
+def test_each_training_record_carries_the_hosts_cpu_use(tmp_path):
+    assert run_phase("jobs.base_train", ARGS, make_store(str(tmp_path))).returncode == 0
+    records = [json.loads(line) for line in open(f"{tmp_path}/runs/r1/metrics/base.jsonl")]
+    cpu = [r["cpu_percent"] for r in records if "raw_loss" in r]
+    assert len(cpu) == 6 and all(0 <= c <= 100 for c in cpu)
+
+
 def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
     straight, killed = str(tmp_path / "a"), str(tmp_path / "b")
     assert run_phase("jobs.base_train", ARGS, make_store(straight)).returncode == 0

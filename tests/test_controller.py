@@ -206,19 +206,27 @@ def test_list_shows_each_run_with_its_preset_and_status(resumed_run, capsys):
     assert code == 0 and re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
 
 
-def test_a_failing_phase_is_retried_then_fails_the_run_and_resume_goes_on(store_url, tmp_path):
+def failed_run(store_url, tmp_path) -> subprocess.CompletedProcess:
+    """Start run `fl`, whose base phase fails on its first two starts: with two attempts allowed, the run fails."""
     config = fake_config(tmp_path, phases=("data", "base"), args={"base": {"fail_starts": 2}}, max_attempts=2)
-    r = controller("start", "--preset", "ci", "--config", config, "--run-id", "fl", store=store_url)
+    return controller("start", "--preset", "ci", "--config", config, "--run-id", "fl", store=store_url)
+
+
+def test_a_failing_phase_is_retried_then_fails_the_run(store_url, tmp_path):
+    r = failed_run(store_url, tmp_path)
     assert r.returncode == 1 and "run fl failed at phase base" in r.stdout
     run = run_json(store_url, "fl")
     assert run.phases["base"].state == "failed" and run.phases["base"].attempt == 2
     assert run.phases["base"].error == "exit code 2: error: fake base failing on purpose (start 2)"
 
+
+def test_resume_after_a_failure_retries_the_failed_phase_and_redoes_no_succeeded_one(store_url, tmp_path):
+    failed_run(store_url, tmp_path)
     r = controller("resume", "fl", store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
     run = run_json(store_url, "fl")
     assert run.phases["base"].state == "succeeded" and run.phases["base"].attempt == 3
-    assert len(trail(store_url, "fl", "data", "starts")) == 1  # a succeeded phase is never redone
+    assert len(trail(store_url, "fl", "data", "starts")) == 1
 
 
 # --- controllers that die, race, or are stopped --------------------------------------------------
@@ -271,20 +279,29 @@ def test_a_job_that_died_with_its_controller_is_retried_and_continues_from_its_c
     assert len(trail(store_url, "crash", "base", "completions")) == 1
 
 
-def test_stop_cancels_a_detached_run_and_its_job_and_resume_continues_it(store_url, tmp_path):
+def stopped_run(store_url, tmp_path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start run `st` detached, stop it while its base phase waits at step 1; (the stop's outcome, the gate that
+    lets the phase go on)."""
     gate = tmp_path / "gate"
     config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
     r = controller("start", "--preset", "ci", "--config", config, "--run-id", "st", "--detach", store=store_url)
     assert r.returncode == 0 and "driving run st in the background" in r.stdout
     wait_for(lambda: checkpoint_step(store_url, "st", "base") >= 1, "base to be mid-way")
+    return controller("stop", "st", store=store_url), gate
 
-    r = controller("stop", "st", store=store_url)
+
+def test_stop_cancels_a_detached_run_and_its_job(store_url, tmp_path):
+    r, _ = stopped_run(store_url, tmp_path)
     assert r.returncode == 0 and "stopping vibechat-st-base-1" in r.stdout
     run = run_json(store_url, "st")
     assert pipeline.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
     assert not group_alive(job_pid(store_url, "st", "base", 1))
     wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
 
+
+def test_resume_after_a_stop_continues_from_the_phase_checkpoint(store_url, tmp_path):
+    _, gate = stopped_run(store_url, tmp_path)
+    wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
     gate.touch()
     r = controller("resume", "st", store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr

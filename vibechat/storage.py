@@ -64,6 +64,9 @@ class Store:
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def append_text(self, key: str, text: str) -> None: ...
+    def stat(self, key: str) -> tuple[int, float]:
+        """(size in bytes, time last written as a Unix timestamp) of an object; FileNotFoundError if absent."""
+        ...
 
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         """(content, version tag) or None if absent; the tag feeds put_if_version."""
@@ -183,6 +186,13 @@ class LocalStore(Store):
     def exists(self, key: str) -> bool:
         return os.path.exists(self._path(key))
 
+    def stat(self, key: str) -> tuple[int, float]:
+        try:
+            info = os.stat(self._path(key))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        return info.st_size, info.st_mtime
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         if os.path.isdir(path):
@@ -300,6 +310,10 @@ class S3Store(Store):
             return r["Body"].read(), r["ETag"]
 
         return self._call(key, get)
+
+    def stat(self, key: str) -> tuple[int, float]:
+        r = self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))
+        return r["ContentLength"], r["LastModified"].timestamp()
 
     def get_bytes(self, key: str) -> bytes:
         return self._get_object(key)[0]
