@@ -112,6 +112,8 @@ class Driver:
         lease_was = run.lease
         claim(run, self.owner, now)
         action = pipeline.next_action(run, now)
+        if action.kind == "submit" and self._previous_alive(run, action.phase, action.attempt, now):
+            action = pipeline.Action("wait", action.phase, action.attempt)
         if action.kind == "submit":
             job = phase_job(run, self.store, action.phase, action.attempt)
             pipeline.mark_running(run, action.phase, action.attempt, job.name, now)
@@ -179,6 +181,22 @@ class Driver:
             retry = "" if p.state == pipeline.FAILED else f"; retrying in {delay:g}s"
             self.say(f"{job.phase}: attempt {job.attempt} failed: {status.message}{retry}")
         self.watching = None
+        return True
+
+    def _previous_alive(self, run: pipeline.RunState, phase: str, attempt: int, now: float) -> bool:
+        """Whether the attempt before `attempt` still runs on another machine (stopped or reset from this one, which
+        could not reach it): the next one waits for it, never two at once."""
+        if attempt == 1:
+            return False
+        job = phase_job(run, self.store, phase, attempt - 1)
+        if self.backend.status(job).state != "missing":
+            return False  # this machine's backend runs it, and stop or resume stopped it
+        status = self._elsewhere(job, now)
+        if status is None or status.state != "running":
+            return False
+        if job.name not in self.offsets:
+            self.offsets[job.name] = 0
+            self.say(f"{phase}: waiting for {job.name} to end, still {status.message}")
         return True
 
     def _elsewhere(self, job: PhaseJob, now: float) -> JobStatus | None:

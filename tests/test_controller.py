@@ -345,7 +345,9 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
     assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
 
 
-def test_a_phase_alive_on_another_machine_is_followed_not_started_again(s3_url, tmp_path, monkeypatch):
+def orphan_on_machine1(s3_url, tmp_path, monkeypatch) -> Path:
+    """Run `two` with its base phase mid-way on "machine 1" (a HOME of its own) and its controller killed; HOME is
+    then "machine 2"'s. Returns the gate that lets the phase finish."""
     gate = tmp_path / "gate"
     config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
     monkeypatch.setenv("HOME", str(tmp_path / "machine1"))  # the local backend keeps its job folders under HOME
@@ -354,8 +356,12 @@ def test_a_phase_alive_on_another_machine_is_followed_not_started_again(s3_url, 
     wait_for(lambda: checkpoint_step(s3_url, "two", "base") >= 1, "base to be mid-way")
     first.send_signal(signal.SIGKILL)
     first.wait()
-
     monkeypatch.setenv("HOME", str(tmp_path / "machine2"))
+    return gate
+
+
+def test_a_phase_alive_on_another_machine_is_followed_not_started_again(s3_url, tmp_path, monkeypatch):
+    gate = orphan_on_machine1(s3_url, tmp_path, monkeypatch)
     second = controller_bg("resume", "two", store=s3_url, out=tmp_path / "second.out")
     try:
         wait_for(lambda: "following vibechat-two-base-1, running on" in (tmp_path / "second.out").read_text(),
@@ -369,6 +375,22 @@ def test_a_phase_alive_on_another_machine_is_followed_not_started_again(s3_url, 
     run = run_json(s3_url, "two")
     assert run.phases["base"].state == "succeeded" and run.phases["base"].attempt == 1
     assert not (tmp_path / "machine2" / ".cache" / "vibechat" / "local-jobs").exists()
+
+
+def test_a_phase_stopped_from_another_machine_is_not_run_twice_at_once(s3_url, tmp_path, monkeypatch):
+    gate = orphan_on_machine1(s3_url, tmp_path, monkeypatch)
+    assert controller("stop", "two", store=s3_url).returncode == 0  # machine 2 cannot reach machine 1's process
+    second = controller_bg("resume", "two", store=s3_url, out=tmp_path / "second.out")
+    try:
+        wait_for(lambda: "waiting for vibechat-two-base-1 to end, still running on" in
+                 (tmp_path / "second.out").read_text(), "the second controller to wait", timeout=60)
+        gate.touch()
+        assert second.wait(timeout=120) == 0, (tmp_path / "second.out").read_text()
+    finally:
+        second.kill()
+    starts = trail(s3_url, "two", "base", "starts")
+    assert [line.split()[1] for line in starts] == ["0", "3"]  # attempt 2 started once attempt 1 had finished
+    assert run_json(s3_url, "two").phases["base"].attempt == 2
 
 
 def test_a_phase_whose_liveness_record_expired_elsewhere_is_known_dead_and_retried(s3_url, tmp_path, monkeypatch):

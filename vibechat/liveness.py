@@ -49,9 +49,7 @@ def read(store: Store, run_id: str, phase: str, attempt: int) -> Liveness | None
     try:
         d = json.loads(store.get_bytes(in_run(run_id, liveness_key(phase, attempt))))
         return Liveness(str(d["owner"]), float(d["deadline"]), d["exit_code"])
-    except FileNotFoundError:
-        return None
-    except (ValueError, TypeError, KeyError):
+    except (FileNotFoundError, ValueError, TypeError, KeyError):
         return None
 
 
