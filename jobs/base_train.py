@@ -17,6 +17,7 @@ from jobs.phase import (ResumableBatches, add_training_args, autocast_context, c
                         end_phase, eval_bpb, eval_due, grad_accumulation, make_optimizers, progress_line,
                         restore_training_state, resume, save_due, save_training_checkpoint, set_lr, step_optimizers)
 from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
+from vibechat.fp8 import enable_fp8
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger
 
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (Hopper GPUs; needs torchao)")
     add_training_args(p, save_every=1000)
     return p.parse_args(argv)
 
@@ -136,6 +138,8 @@ def main(argv=None) -> None:
     print0(f"model d{args.depth}: {num_params:,} parameters, {num_flops_per_token:.3e} FLOPs/token, "
            f"{num_iterations} steps of {args.total_batch_size:,} tokens (grad accumulation {grad_accum_steps})")
 
+    if args.fp8:
+        enable_fp8(model)
     optimizers = make_optimizers(model, args)
     loader_state = restore_training_state(optimizers, optim_data)
     train_model = compiled(model, args.compile, device)

@@ -18,6 +18,7 @@ import torch
 from jobs.base_train import peak_flops, train_step
 from jobs.phase import grad_accumulation, step_optimizers
 from vibechat.common import autocast_dtype, compute_init, nonnegative_int, output_file, positive_int, run_main, synchronize
+from vibechat.fp8 import enable_fp8
 from vibechat.gpt import GPT, config_for_depth
 
 
@@ -34,6 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
                    help="attention kernel order: PyTorch's default, or cuDNN attention first")
+    p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (Hopper GPUs; needs torchao)")
     p.add_argument("--out", default=None, type=output_file, help="write the result as JSON here")
     p.add_argument("--profile", default=None, type=output_file,
                    help="after timing, write here where the time goes: forward+backward vs optimizer, kernels by kind")
@@ -46,6 +48,8 @@ def main(argv=None) -> None:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    if args.fp8:
+        enable_fp8(model)
     optimizers = model.setup_optimizers()
     train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
     attention = contextlib.nullcontext()
@@ -93,10 +97,10 @@ def run_benchmark(args, model, train_model, optimizers, world_size: int, device,
         "flops_per_token": flops_per_token,
         "mfu": flops_per_token * tok_per_sec / (peak * world_size) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-        "compile": args.compile, "dtype": str(dtype), "sdpa": args.sdpa,
+        "compile": args.compile, "dtype": str(dtype), "fp8": args.fp8, "sdpa": args.sdpa,
     }
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a"
-    print(f"d{args.depth} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
+    print(f"d{args.depth}{' fp8' if args.fp8 else ''} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
           f"{tok_per_sec:,.0f} tok/s, MFU {mfu}, step {dt * 1000:.0f} ms, mem {result['peak_memory_gib']}")
     if args.out:
         with open(args.out, "w") as f:
