@@ -1,6 +1,7 @@
 """Training throughput benchmark: tokens/s and MFU of base training at a given depth and batch.
 
     python -m jobs.bench_train --depth 20 --device-batch-size 32          # on one GPU
+    python -m jobs.bench_train --depth 20 --device-batch-size 32 --total-batch-size 524288 --fp8   # Hopper
     python -m jobs.bench_train --depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --steps 3
 
 Random tokens, the real model and optimizers and the same train_step as jobs.base_train.
