@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from jobs.base_train import peak_flops, train_step
-from jobs.phase import grad_accumulation, step_optimizers
+from jobs.training import grad_accumulation, peak_flops, step_optimizers, train_step
 from vibechat.common import autocast_dtype, compute_init, nonnegative_int, output_file, positive_int, run_main, synchronize
 from vibechat.fp8 import enable_fp8
 from vibechat.gpt import GPT, config_for_depth
@@ -101,7 +100,8 @@ def run_benchmark(args, model, train_model, optimizers, world_size: int, device,
         "compile": args.compile, "dtype": str(dtype), "fp8": args.fp8, "sdpa": args.sdpa,
     }
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a"
-    print(f"d{args.depth}{' fp8' if args.fp8 else ''} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
+    model_name = f"d{args.depth}{' fp8' if args.fp8 else ''}"
+    print(f"{model_name} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
           f"{tok_per_sec:,.0f} tok/s, MFU {mfu}, step {dt * 1000:.0f} ms, mem {result['peak_memory_gib']}")
     if args.out:
         with open(args.out, "w") as f:
