@@ -1,4 +1,5 @@
-"""Muon orthogonalizes; the distributed optimizers match the single-process ones exactly (2 gloo ranks)."""
+"""Muon orthogonalizes; its stacked step is the per-matrix definition and resumes from per-matrix state; the
+distributed optimizers match the single-process ones exactly (2 gloo ranks)."""
 
 import os
 

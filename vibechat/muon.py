@@ -65,14 +65,13 @@ class Muon(torch.optim.Optimizer):
             if not params:
                 continue
             stacked = torch.stack(params)
-            self._update(i, group, stacked, torch.stack([p.grad for p in params]), params, len(params))
+            self._update(i, group, stacked, torch.stack([p.grad for p in params]), params)
             torch._foreach_copy_(params, list(stacked.unbind(0)))
 
-    def _update(self, key: int, group: dict, params: torch.Tensor, grads: torch.Tensor, owned: list,
-                rows: int) -> None:
-        """muon_step on the stacked params and grads of `owned` (padded to `rows`) with their momentum."""
+    def _update(self, key: int, group: dict, params: torch.Tensor, grads: torch.Tensor, owned: list) -> None:
+        """muon_step on params and grads, the stacks of `owned` (zero-padded rows after them), with their momentum."""
         step = _compiled_muon_step if params.is_cuda else muon_step
-        step(params, grads, self._momentum(key, owned, rows), torch.tensor(group["momentum"]),
+        step(params, grads, self._momentum(key, owned, params.size(0)), torch.tensor(group["momentum"]),
              torch.tensor(group["lr"]), group["nesterov"], group["ns_steps"])
 
     def _momentum(self, key: int, params: list, rows: int) -> torch.Tensor:
@@ -116,7 +115,7 @@ class DistMuon(Muon):
             my_params = torch.zeros_like(my_grads)
             if mine:
                 my_params[:len(mine)] = torch.stack(mine)
-                self._update(i, group, my_params, my_grads, mine, per_rank)
+                self._update(i, group, my_params, my_grads, mine)
             gathered = torch.empty_like(grads)
             all_gather_blocks(gathered, my_params)
             torch._foreach_copy_(params, list(gathered.unbind(0)[:len(params)]))
