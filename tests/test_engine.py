@@ -7,8 +7,8 @@ import torch.nn as nn
 from vibechat.common import VibechatError
 from functools import partial
 
-from vibechat.engine import (Engine, KVCache, _decode_and_sample, _DecodeWeights, _forward_step, _fused_step,
-                             _StepCache, sample_next_token)
+from vibechat.engine import (ContinuousBatcher, Engine, KVCache, Sequence, _decode_and_sample, _DecodeWeights,
+                             _forward_step, _fused_step, _StepCache, sample_next_token)
 from vibechat.gpt import GPT, GPTConfig
 from vibechat.tokenizer import SPECIAL_TOKENS
 
@@ -400,3 +400,112 @@ def test_top_k_above_the_vocabulary_size_keeps_every_token():
     engine = gpt_engine()
     clamped = engine.generate_batch([4, 2], num_samples=3, max_tokens=10, top_k=10 * VOCAB, seed=1)
     assert clamped == engine.generate_batch([4, 2], num_samples=3, max_tokens=10, top_k=None, seed=1)
+
+
+# --- continuous batching ---
+
+def batcher(max_batch: int = 32) -> ContinuousBatcher:
+    return ContinuousBatcher(random_gpt(), CharTokenizer(first_special=VOCAB), max_batch=max_batch)
+
+
+def submit(batcher: ContinuousBatcher, prompt: list[int], max_tokens: int = 20, **kwargs) -> tuple[list, list]:
+    """Queue a sequence; returns the lists its tokens and its finish reason will be appended to."""
+    tokens, finish = [], []
+    batcher.submit(Sequence(prompt, max_tokens, lambda t, m: tokens.append(t), finish.append, **kwargs))
+    return tokens, finish
+
+
+def drain(batcher: ContinuousBatcher) -> None:
+    while batcher.step():
+        pass
+
+
+def prompts(count: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def test_batched_greedy_tokens_equal_the_engines_whether_alone_or_among_31_others():
+    b = batcher()
+    alone = []
+    for prompt in prompts(32):
+        tokens, finish = submit(b, prompt)
+        drain(b)
+        assert finish == ["length"]
+        alone.append(tokens)
+    together = [submit(b, prompt)[0] for prompt in prompts(32)]
+    drain(b)
+    assert together == alone
+    engine = Engine(b.model, b.engine.tokenizer)
+    first = prompts(1)[0]
+    assert engine.generate_batch(first, max_tokens=20, temperature=0.0)[0][0][len(first):] == alone[0]
+
+
+def test_a_sequence_that_joins_a_running_batch_gets_the_tokens_it_gets_alone():
+    b = batcher()
+    first, second = prompts(2)
+    alone = submit(b, second)[0]
+    drain(b)
+    running = submit(b, first, max_tokens=30)[0]
+    for _ in range(5):
+        b.step()
+    joined = submit(b, second)[0]
+    drain(b)
+    assert joined == alone and len(running) == 30
+
+
+def test_a_seeded_sampled_sequence_repeats_alone_or_batched_and_other_seeds_differ():
+    b = batcher()
+    prompt = prompts(1)[0]
+    alone = submit(b, prompt, temperature=1.0, top_k=20, seed=7)[0]
+    drain(b)
+    batch = [submit(b, prompt, temperature=1.0, top_k=20, seed=seed)[0] for seed in (7, 8, 9)]
+    drain(b)
+    assert batch[0] == alone and batch[1] != alone and batch[2] != batch[1]
+
+
+def test_a_sequence_ends_at_max_tokens_or_when_the_context_is_full():
+    b = batcher()
+    short, finish = submit(b, [1, 2, 3], max_tokens=4)
+    long, long_finish = submit(b, [1] * 40, max_tokens=100)
+    drain(b)
+    assert (len(short), finish) == (4, ["length"])
+    assert (len(long), long_finish) == (48 - 40, ["length"])
+
+
+def test_a_cancelled_sequence_frees_its_row_at_the_next_step():
+    b = batcher(max_batch=1)
+    tokens, finish = [], []
+    sequence = Sequence([1, 2], 30, lambda t, m: tokens.append(t), finish.append)
+    b.submit(sequence)
+    b.step()
+    sequence.cancelled = True
+    queued, queued_finish = submit(b, [3, 4], max_tokens=3)
+    b.step()
+    assert finish == ["cancelled"] and b.num_running() == 1 and len(queued) == 2
+    drain(b)
+    assert queued_finish == ["length"]
+
+
+def test_a_full_batch_queues_sequences_until_a_row_frees():
+    b = batcher(max_batch=2)
+    outputs = [submit(b, prompt, max_tokens=5) for prompt in prompts(3)]
+    b.step()
+    assert (b.num_running(), b.num_waiting()) == (2, 1)
+    drain(b)
+    assert [finish for _, finish in outputs] == [["length"]] * 3
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ([], {}, "prompt is empty"),
+    ([VOCAB + 50], {}, "not an id in the vocabulary"),
+    ([1] * 48, {}, "fills the model's context"),
+    ([1], {"temperature": -1.0}, "temperature"),
+    ([1], {"top_k": 0}, "top_k"),
+])
+def test_a_bad_sequence_is_refused_at_submit_and_nothing_is_queued(prompt, kwargs, message):
+    b = batcher()
+    with pytest.raises(VibechatError, match=message):
+        submit(b, prompt, **kwargs)
+    assert b.num_waiting() == 0

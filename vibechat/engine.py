@@ -12,7 +12,10 @@ reads and yields column t (the one host sync per step) while the GPU computes co
 overrides column t, the cache position steps back one and column t+1 is computed again.
 """
 
+import threading
+import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -85,21 +88,28 @@ class KVCache:
 
 
 class _StepCache:
-    """A KVCache as the decode step sees it: one token written at a position held on the device, and the
-    whole buffers read back, the attention mask hiding what lies past the position. With no host int in the
-    step, one capture of it replays at every position."""
+    """A KVCache as the decode step sees it: one token per row written at a position held on the device ((1,)
+    shared by all rows, or (B,) one per row), and the whole buffers read back, the attention mask hiding what
+    lies past each position. With no host int in the step, one capture of it replays at every position.
+    `rows` takes the first rows of the cache only: a batch-size bucket of the continuous batcher."""
 
-    def __init__(self, cache: KVCache, pos: torch.Tensor):
+    def __init__(self, cache: KVCache, pos: torch.Tensor, rows: int | None = None):
         self.cache = cache
-        self.pos = pos  # (1,) long
+        self.pos = pos
+        self.rows = cache.batch_size if rows is None else rows
 
     def get_pos(self) -> torch.Tensor:
         return self.pos
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        keys[:, :, self.pos] = k
-        values[:, :, self.pos] = v
+        keys, values = self.cache.k[layer_idx][:self.rows], self.cache.v[layer_idx][:self.rows]
+        if self.pos.numel() == 1:
+            keys[:, :, self.pos] = k
+            values[:, :, self.pos] = v
+        else:
+            rows = torch.arange(self.rows, device=k.device)
+            keys[rows, :, self.pos] = k[:, :, 0]
+            values[rows, :, self.pos] = v[:, :, 0]
         return keys, values
 
 
@@ -148,7 +158,7 @@ def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _S
     attention reading only the written part of the cache (vibechat.decode_ops)."""
     B, pos = tokens.size(0), cache.pos
     H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
-    cos, sin = weights.cos[None, None, pos], weights.sin[None, None, pos]  # (1, 1, 1, D/2)
+    cos, sin = weights.cos[pos].view(-1, 1, 1, D // 2), weights.sin[pos].view(-1, 1, 1, D // 2)  # per row or shared
     x = norm(weights.wte[tokens[:, 0]])  # (B, C)
     for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
         q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
@@ -164,10 +174,10 @@ def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _S
 
 
 def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor,
-                       temperature: torch.Tensor, top_k: int) -> torch.Tensor:
+                       temperature: torch.Tensor, top_k: int, row_top_k: torch.Tensor | None = None) -> torch.Tensor:
     """Feed `tokens` at the cache's position through forward(tokens, cache) and sample the next ones into
     `tokens` (returned too)."""
-    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k))
+    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k, row_top_k))
     return tokens
 
 
@@ -267,15 +277,19 @@ def _check_sampling(temperature: float, top_k: int | None) -> None:
 
 
 def gumbel_sample(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float,
-                  top_k: int) -> torch.Tensor:
+                  top_k: int, row_top_k: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) ids drawn from the softmax of the top_k logits at `temperature`, given (B, top_k)
     uniform noise: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). No host sync, no
-    data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused)."""
-    if top_k < logits.size(-1):
+    data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused).
+    row_top_k ((B,) long, each <= top_k) narrows each row to its own k largest; temperature may be (B, 1)."""
+    if top_k < logits.size(-1) or row_top_k is not None:
         values, indices = torch.topk(logits, top_k, dim=-1)
     else:
         values, indices = logits, None
-    choice = (values.float() / temperature - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
+    scores = values.float() / temperature - torch.log(-torch.log(noise))
+    if row_top_k is not None:
+        scores = scores.masked_fill(torch.arange(top_k, device=scores.device) >= row_top_k[:, None], float("-inf"))
+    choice = scores.argmax(dim=-1, keepdim=True)
     return choice if indices is None else indices.gather(-1, choice)
 
 
@@ -427,3 +441,199 @@ class Engine:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes: one captured step each, the smallest that fits runs
+
+
+@dataclass
+class Sequence:
+    """One request to the ContinuousBatcher. on_token(token, mask) gets every token as it is decided (mask 0:
+    forced calculator output), the stop token included; then on_finish(reason) once: "stop" (a stop token),
+    "length" (max_tokens, or the context is full) or "cancelled". Both run on the batcher's thread."""
+    tokens: list[int]
+    max_tokens: int
+    on_token: Callable[[int, int], None]
+    on_finish: Callable[[str], None]
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 42
+    cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
+
+
+@dataclass
+class _Slot:
+    sequence: Sequence
+    rng: torch.Generator
+    row: _Row
+    generated: int = 0
+    last: int = 0  # the last token emitted: the row's next input
+
+
+class ContinuousBatcher:
+    """Continuous batching of a GPT: sequences join the running decode batch at a step boundary and leave when
+    done, each with its own position, temperature, top_k and seed.
+
+    Every sequence owns a row (slot) of one KV cache of max_batch rows and the model's full context. A step
+    first admits waiting sequences into free rows (prefill at batch 1 through GPT.forward, its cache copied
+    into the row: a 128-token prompt costs about one decode step), then decodes one token for the rows
+    0..b-1, b the smallest of BATCH_BUCKETS above the highest busy row, through the fused decode step with a
+    position per row. On CUDA the step is compiled and captured once per bucket; elsewhere it runs eagerly:
+    the scheduling is the same code. A row's arithmetic does not depend on the others', so a greedy sequence
+    gets the same tokens alone as among others wherever the matrix products are batch-invariant per row.
+    """
+
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200):
+        if not isinstance(model, GPT):
+            raise VibechatError(f"continuous batching decodes a GPT through its fused step, not a {type(model).__name__}")
+        self.engine = Engine(model, tokenizer)  # its request checks, stop tokens and calculator
+        self.model, config = model, model.config
+        self.device = device = model.get_device()
+        self.max_batch = max_batch
+        self.top_k = min(max_top_k, config.vocab_size)
+        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(max_batch, config.n_kv_head, config.sequence_len, config.n_embd // config.n_head,
+                             config.n_layer)
+        self.cache._allocate(dtype, device)
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.noise = torch.full((max_batch, self.top_k), 0.5, device=device)
+        self.temperature = torch.ones(max_batch, 1, device=device)
+        self.row_top_k = torch.ones(max_batch, dtype=torch.long, device=device)
+        self.row_top_k_host = [1] * max_batch  # greedy rows (1) draw no noise
+        self.weights = _DecodeWeights(model, dtype)
+        self._steps: dict[int, Callable[[], torch.Tensor]] = {}
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.last_batch = 0  # the bucket of the last step, for the server's occupancy metric
+
+    def _step(self, batch: int) -> Callable[[], torch.Tensor]:
+        if batch not in self._steps:
+            rows = slice(0, batch)
+            cache = _StepCache(self.cache, self.pos[rows], rows=batch)
+            args = (partial(_fused_step, self.model.config, self.weights), self.tokens[rows], cache,
+                    self.noise[rows], self.temperature[rows], self.top_k, self.row_top_k[rows])
+            if self.engine.use_cuda_graph:
+                compiled = torch.compile(_decode_and_sample, dynamic=False)
+                # its warm-up steps write at the rows' current positions, which the next real step rewrites
+                self._steps[batch] = _cuda_graph(lambda: compiled(*args))
+            else:
+                self._steps[batch] = lambda: _decode_and_sample(*args)
+        return self._steps[batch]
+
+    def warmup(self) -> None:
+        """Compile and capture every bucket's step now, not on the first requests that need it."""
+        for batch in self.buckets:
+            self._step(batch)
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence (from any thread); a bad one raises VibechatError here, before it is queued."""
+        self.engine._check_request(sequence.tokens, 1, sequence.max_tokens, sequence.temperature, sequence.top_k)
+        if len(sequence.tokens) >= self.model.config.sequence_len:
+            raise VibechatError(f"the prompt has {len(sequence.tokens)} tokens and fills the model's context of "
+                                f"{self.model.config.sequence_len}: shorten it")
+        with self.lock:
+            self.waiting.append(sequence)
+        self.wake.set()
+
+    def num_running(self) -> int:
+        return sum(slot is not None for slot in self.slots)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _finish(self, index: int, reason: str) -> None:
+        slot = self.slots[index]
+        self.slots[index] = None
+        slot.sequence.on_finish(reason)
+
+    def _emit(self, index: int, token: int, mask: int) -> None:
+        """Hand a row its token; free the row when that ends the sequence."""
+        slot = self.slots[index]
+        slot.generated += 1
+        slot.last = token
+        slot.sequence.on_token(token, mask)
+        self.engine._advance(slot.row, token)
+        room = self.model.config.sequence_len - len(slot.sequence.tokens)  # positions left for new tokens
+        if slot.row.done:
+            self._finish(index, "stop")
+        elif slot.generated >= min(slot.sequence.max_tokens, room):
+            self._finish(index, "length")
+
+    @torch.inference_mode()
+    def _admit(self, index: int, sequence: Sequence) -> None:
+        """Prefill a sequence into row `index` and emit its first token."""
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(sequence.seed)
+        self.slots[index] = _Slot(sequence, rng, _Row())
+        if sequence.max_tokens == 0:
+            self._finish(index, "length")
+            return
+        config, n = self.model.config, len(sequence.tokens)
+        prefill = KVCache(1, config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
+        logits = self.model(torch.tensor([sequence.tokens], device=self.device), kv_cache=prefill)[:, -1, :]
+        for dst, src in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
+            dst[index, :, :n] = src[0]
+        temperature, k = _sampling(sequence.temperature, sequence.top_k, config.vocab_size)
+        k = min(k, self.top_k)
+        self.pos[index] = n
+        self.temperature[index] = temperature
+        self.row_top_k[index] = k
+        self.row_top_k_host[index] = k
+        self.noise[index] = 0.5
+        first = sample_next_token(logits, rng, sequence.temperature, k)
+        self._emit(index, first.item(), 1)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit what waits (as rows free up), then decode one token for every running sequence; False when idle."""
+        for index, slot in enumerate(self.slots):
+            if slot is not None and slot.sequence.cancelled:
+                self._finish(index, "cancelled")
+        while self.waiting and None in self.slots:
+            with self.lock:
+                sequence = self.waiting.popleft()
+            if sequence.cancelled:
+                sequence.on_finish("cancelled")
+            else:
+                self._admit(self.slots.index(None), sequence)
+        busy = [i for i, slot in enumerate(self.slots) if slot is not None]
+        if not busy:
+            self.last_batch = 0
+            return bool(self.waiting)
+        batch = next(b for b in self.buckets if b > busy[-1])
+        self.last_batch = batch
+        # each row's last token and its position from the host, so rows that just joined, were forced a tool's
+        # output or are free (position 0, never past the cache) all step from the right place
+        inputs, positions = [0] * batch, [0] * batch
+        for i in busy:
+            slot = self.slots[i]
+            inputs[i], positions[i] = slot.last, len(slot.sequence.tokens) + slot.generated - 1
+            if self.row_top_k_host[i] > 1:
+                torch.rand(self.top_k, generator=slot.rng, device=self.device, out=self.noise[i])
+        self.tokens[:batch].copy_(torch.tensor(inputs).view(-1, 1))
+        self.pos[:batch].copy_(torch.tensor(positions))
+        column = self._step(batch)().view(-1).tolist()  # the host's one wait per step
+        for i in busy:
+            forced = self.slots[i].row.forced
+            self._emit(i, *((forced.popleft(), 0) if forced else (column[i], 1)))
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set, sleeping while idle. A failing step (e.g. out of memory) ends every sequence
+        it held with reason "error" and the loop goes on."""
+        while not stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # noqa: BLE001 - reported to each sequence; the server stays up
+                traceback.print_exc()
+                for index, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._finish(index, "error")
+                continue
+            if not busy:
+                self.wake.wait(0.05)
+                self.wake.clear()
