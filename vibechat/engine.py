@@ -517,9 +517,10 @@ class ContinuousBatcher:
             args = (partial(_fused_step, self.model.config, self.weights), self.tokens[rows], cache,
                     self.noise[rows], self.temperature[rows], self.top_k, self.row_top_k[rows])
             if self.engine.use_cuda_graph:
-                compiled = torch.compile(_decode_and_sample, dynamic=False)
-                # its warm-up steps write at the rows' current positions, which the next real step rewrites
-                self._steps[batch] = _cuda_graph(lambda: compiled(*args))
+                # captured, not compiled: a compile per bucket would cost minutes of warm-up, and past batch 1 the
+                # matrix products dominate the step. Its warm-up steps write at the rows' current positions,
+                # which the next real step rewrites.
+                self._steps[batch] = _cuda_graph(lambda: _decode_and_sample(*args))
             else:
                 self._steps[batch] = lambda: _decode_and_sample(*args)
         return self._steps[batch]
@@ -563,29 +564,27 @@ class ContinuousBatcher:
         elif slot.generated >= min(slot.sequence.max_tokens, room):
             self._finish(index, "length")
 
-    @torch.inference_mode()
-    def _admit(self, index: int, sequence: Sequence) -> None:
-        """Prefill a sequence into row `index` and emit its first token."""
-        rng = torch.Generator(device=self.device)
-        rng.manual_seed(sequence.seed)
-        self.slots[index] = _Slot(sequence, rng, _Row())
-        if sequence.max_tokens == 0:
-            self._finish(index, "length")
-            return
-        config, n = self.model.config, len(sequence.tokens)
-        prefill = KVCache(1, config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
-        logits = self.model(torch.tensor([sequence.tokens], device=self.device), kv_cache=prefill)[:, -1, :]
+    def _prefill(self, indices: list[int], sequences: list["Sequence"]) -> None:
+        """Prefill sequences of one prompt length in one forward pass into rows `indices`; emit their first tokens."""
+        config, n = self.model.config, len(sequences[0].tokens)
+        prefill = KVCache(len(sequences), config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
+        ids = torch.tensor([sequence.tokens for sequence in sequences], device=self.device)
+        logits = self.model(ids, kv_cache=prefill)[:, -1, :]
+        rows = torch.tensor(indices, device=self.device)
         for dst, src in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
-            dst[index, :, :n] = src[0]
-        temperature, k = _sampling(sequence.temperature, sequence.top_k, config.vocab_size)
-        k = min(k, self.top_k)
-        self.pos[index] = n
-        self.temperature[index] = temperature
-        self.row_top_k[index] = k
-        self.row_top_k_host[index] = k
-        self.noise[index] = 0.5
-        first = sample_next_token(logits, rng, sequence.temperature, k)
-        self._emit(index, first.item(), 1)
+            dst[rows, :, :n] = src
+        for j, (index, sequence) in enumerate(zip(indices, sequences)):
+            rng = torch.Generator(device=self.device)
+            rng.manual_seed(sequence.seed)
+            self.slots[index] = _Slot(sequence, rng, _Row())
+            temperature, k = _sampling(sequence.temperature, sequence.top_k, config.vocab_size)
+            k = min(k, self.top_k)
+            self.temperature[index] = temperature
+            self.row_top_k[index] = k
+            self.row_top_k_host[index] = k
+            self.noise[index] = 0.5
+            first = sample_next_token(logits[j:j + 1], rng, sequence.temperature, k)
+            self._emit(index, first.item(), 1)
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -593,13 +592,19 @@ class ContinuousBatcher:
         for index, slot in enumerate(self.slots):
             if slot is not None and slot.sequence.cancelled:
                 self._finish(index, "cancelled")
-        while self.waiting and None in self.slots:
-            with self.lock:
+        free = [i for i, slot in enumerate(self.slots) if slot is None]
+        joining: dict[int, list[tuple[int, Sequence]]] = {}  # prompt length -> (row, sequence): one prefill each
+        with self.lock:
+            while self.waiting and free:
                 sequence = self.waiting.popleft()
-            if sequence.cancelled:
-                sequence.on_finish("cancelled")
-            else:
-                self._admit(self.slots.index(None), sequence)
+                if sequence.cancelled:
+                    sequence.on_finish("cancelled")
+                elif sequence.max_tokens == 0:
+                    sequence.on_finish("length")
+                else:
+                    joining.setdefault(len(sequence.tokens), []).append((free.pop(0), sequence))
+        for group in joining.values():
+            self._prefill([index for index, _ in group], [sequence for _, sequence in group])
         busy = [i for i, slot in enumerate(self.slots) if slot is not None]
         if not busy:
             self.last_batch = 0
