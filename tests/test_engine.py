@@ -8,7 +8,8 @@ from vibechat.common import VibechatError
 from functools import partial
 
 from vibechat.engine import (ContinuousBatcher, Engine, KVCache, Sequence, _decode_and_sample, _DecodeWeights,
-                             _forward_step, _fused_step, _StepCache, sample_next_token)
+                             _forward_step, _fused_step, _StepCache, counter_uniform, gumbel_sample,
+                             sample_next_token)
 from vibechat.gpt import GPT, GPTConfig
 from vibechat.tokenizer import SPECIAL_TOKENS
 
@@ -509,3 +510,22 @@ def test_a_bad_sequence_is_refused_at_submit_and_nothing_is_queued(prompt, kwarg
     with pytest.raises(VibechatError, match=message):
         submit(b, prompt, **kwargs)
     assert b.num_waiting() == 0
+
+
+def test_counter_noise_is_uniform_in_the_open_interval_and_a_function_of_seed_and_counter():
+    seeds, counters = torch.arange(1000) * 7919, torch.arange(1000) % 13
+    noise = counter_uniform(seeds, counters, 100)
+    assert 0 < noise.min() and noise.max() < 1
+    counts = torch.histc(noise, bins=10, min=0, max=1)
+    assert ((counts - 10_000).abs() < 500).all()
+    assert torch.equal(counter_uniform(seeds[:3], counters[:3], 100), noise[:3])
+    assert not torch.equal(counter_uniform(seeds[:3], counters[:3] + 1, 100), noise[:3])
+
+
+def test_batched_samples_follow_the_softmax_of_the_top_k_at_the_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).expand(20_000, -1)
+    noise = counter_uniform(torch.arange(20_000), torch.zeros(20_000, dtype=torch.long), 4)
+    draws = gumbel_sample(logits, noise, 0.7, 4, torch.full((20_000,), 3))[:, 0]
+    expected = torch.softmax(logits[0, :3] / 0.7, dim=0)
+    assert torch.allclose(torch.bincount(draws, minlength=5)[:3] / 20_000, expected, atol=0.015)
+    assert (draws < 3).all()

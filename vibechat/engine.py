@@ -174,10 +174,10 @@ def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _S
 
 
 def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor,
-                       temperature: torch.Tensor, top_k: int, row_top_k: torch.Tensor | None = None) -> torch.Tensor:
+                       temperature: torch.Tensor, top_k: int) -> torch.Tensor:
     """Feed `tokens` at the cache's position through forward(tokens, cache) and sample the next ones into
     `tokens` (returned too)."""
-    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k, row_top_k))
+    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k))
     return tokens
 
 
@@ -464,23 +464,57 @@ class Sequence:
 @dataclass
 class _Slot:
     sequence: Sequence
-    rng: torch.Generator
     row: _Row
     generated: int = 0
-    last: int = 0  # the last token emitted: the row's next input
+
+
+def _mix_seed(seed: int) -> int:
+    """Any int -> 32 bits, every bit of the seed mattering (Fibonacci hashing)."""
+    return (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF
+
+
+def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) 32-bit seeds and (B,) counters -> (B, k) uniform noise in (0, 1), a hash of (seed, counter, column):
+    no generator state, so a row's noise depends on its own seed and position alone, never on which other rows
+    share the step, and it is computed inside the captured step. Products wrap in int64 and are masked back to
+    32 bits; the finalizer is the 'lowbias32' integer hash."""
+    mask = 0xFFFFFFFF
+    columns = torch.arange(k, device=seeds.device)
+    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0xC2B2AE3D) & mask
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & mask
+    x = x ^ (x >> 16)
+    return ((x >> 9) + 1).float() / (2 ** 23 + 1)  # 23 bits: float32 keeps the largest value below 1
+
+
+def _batched_decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, seeds: torch.Tensor,
+                               temperature: torch.Tensor, top_k: int, row_top_k: torch.Tensor,
+                               last_position: int) -> torch.Tensor:
+    """The continuous batcher's step: every row's token at its own position, the next one sampled into `tokens`
+    with noise from (its seed, its position). Positions stop at the cache's last slot, so a free row that steps
+    along with busy ones never writes past its end."""
+    noise = counter_uniform(seeds, cache.pos, top_k)
+    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k, row_top_k))
+    cache.pos.clamp_(max=last_position)
+    return tokens
 
 
 class ContinuousBatcher:
     """Continuous batching of a GPT: sequences join the running decode batch at a step boundary and leave when
     done, each with its own position, temperature, top_k and seed.
 
-    Every sequence owns a row (slot) of one KV cache of max_batch rows and the model's full context. A step
-    first admits waiting sequences into free rows (prefill at batch 1 through GPT.forward, its cache copied
-    into the row: a 128-token prompt costs about one decode step), then decodes one token for the rows
-    0..b-1, b the smallest of BATCH_BUCKETS above the highest busy row, through the fused decode step with a
-    position per row. On CUDA the step is compiled and captured once per bucket; elsewhere it runs eagerly:
-    the scheduling is the same code. A row's arithmetic does not depend on the others', so a greedy sequence
-    gets the same tokens alone as among others wherever the matrix products are batch-invariant per row.
+    Every sequence owns a row of one KV cache of max_batch rows and the model's full context. A step first
+    admits waiting sequences into free rows (those with prompts of one length prefill together through
+    GPT.forward, their caches copied into the rows), then decodes one token for rows 0..b-1, b the smallest of
+    BATCH_BUCKETS above the highest busy row, through the fused decode step with a position per row. The rows'
+    tokens, positions, seeds, temperatures and top_k live on the device and the step advances them itself, so
+    the host's work per step is one replay and one read of the new column. On CUDA each bucket's step is
+    captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the same code. Sampling noise is a
+    hash of (seed, position), so a sequence's draws do not depend on the other rows; its greedy tokens equal
+    those it gets alone wherever the matrix products round each row the same at every batch size (on CPU in
+    fp32; not cuBLAS in bf16 across batch sizes, see docs/benchmarks.md).
     """
 
     def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200):
@@ -498,10 +532,9 @@ class ContinuousBatcher:
         self.cache._allocate(dtype, device)
         self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.noise = torch.full((max_batch, self.top_k), 0.5, device=device)
+        self.seeds = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.temperature = torch.ones(max_batch, 1, device=device)
         self.row_top_k = torch.ones(max_batch, dtype=torch.long, device=device)
-        self.row_top_k_host = [1] * max_batch  # greedy rows (1) draw no noise
         self.weights = _DecodeWeights(model, dtype)
         self._steps: dict[int, Callable[[], torch.Tensor]] = {}
         self.slots: list[_Slot | None] = [None] * max_batch
@@ -513,20 +546,22 @@ class ContinuousBatcher:
     def _step(self, batch: int) -> Callable[[], torch.Tensor]:
         if batch not in self._steps:
             rows = slice(0, batch)
-            cache = _StepCache(self.cache, self.pos[rows], rows=batch)
-            args = (partial(_fused_step, self.model.config, self.weights), self.tokens[rows], cache,
-                    self.noise[rows], self.temperature[rows], self.top_k, self.row_top_k[rows])
+            args = (partial(_fused_step, self.model.config, self.weights), self.tokens[rows],
+                    _StepCache(self.cache, self.pos[rows], rows=batch), self.seeds[rows], self.temperature[rows],
+                    self.top_k, self.row_top_k[rows], self.cache.seq_len - 1)
             if self.engine.use_cuda_graph:
-                # captured, not compiled: a compile per bucket would cost minutes of warm-up, and past batch 1 the
-                # matrix products dominate the step. Its warm-up steps write at the rows' current positions,
-                # which the next real step rewrites.
-                self._steps[batch] = _cuda_graph(lambda: _decode_and_sample(*args))
+                # captured, not compiled: a compile per bucket would cost minutes of warm-up. Capturing runs
+                # the step a few times, so the rows' tokens and positions are put back after it.
+                saved = self.tokens.clone(), self.pos.clone()
+                self._steps[batch] = _cuda_graph(lambda: _batched_decode_and_sample(*args))
+                self.tokens.copy_(saved[0])
+                self.pos.copy_(saved[1])
             else:
-                self._steps[batch] = lambda: _decode_and_sample(*args)
+                self._steps[batch] = lambda: _batched_decode_and_sample(*args)
         return self._steps[batch]
 
     def warmup(self) -> None:
-        """Compile and capture every bucket's step now, not on the first requests that need it."""
+        """Capture every bucket's step now, not on the first requests that need it."""
         for batch in self.buckets:
             self._step(batch)
 
@@ -555,7 +590,6 @@ class ContinuousBatcher:
         """Hand a row its token; free the row when that ends the sequence."""
         slot = self.slots[index]
         slot.generated += 1
-        slot.last = token
         slot.sequence.on_token(token, mask)
         self.engine._advance(slot.row, token)
         room = self.model.config.sequence_len - len(slot.sequence.tokens)  # positions left for new tokens
@@ -564,7 +598,7 @@ class ContinuousBatcher:
         elif slot.generated >= min(slot.sequence.max_tokens, room):
             self._finish(index, "length")
 
-    def _prefill(self, indices: list[int], sequences: list["Sequence"]) -> None:
+    def _prefill(self, indices: list[int], sequences: list[Sequence]) -> None:
         """Prefill sequences of one prompt length in one forward pass into rows `indices`; emit their first tokens."""
         config, n = self.model.config, len(sequences[0].tokens)
         prefill = KVCache(len(sequences), config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
@@ -573,18 +607,18 @@ class ContinuousBatcher:
         rows = torch.tensor(indices, device=self.device)
         for dst, src in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
             dst[rows, :, :n] = src
-        for j, (index, sequence) in enumerate(zip(indices, sequences)):
-            rng = torch.Generator(device=self.device)
-            rng.manual_seed(sequence.seed)
-            self.slots[index] = _Slot(sequence, rng, _Row())
-            temperature, k = _sampling(sequence.temperature, sequence.top_k, config.vocab_size)
-            k = min(k, self.top_k)
-            self.temperature[index] = temperature
-            self.row_top_k[index] = k
-            self.row_top_k_host[index] = k
-            self.noise[index] = 0.5
-            first = sample_next_token(logits[j:j + 1], rng, sequence.temperature, k)
-            self._emit(index, first.item(), 1)
+        sampling = [_sampling(s.temperature, s.top_k, config.vocab_size) for s in sequences]
+        self.temperature[rows] = torch.tensor([[t] for t, _ in sampling], device=self.device)
+        self.row_top_k[rows] = torch.tensor([min(k, self.top_k) for _, k in sampling], device=self.device)
+        self.seeds[rows] = torch.tensor([_mix_seed(s.seed) for s in sequences], device=self.device)
+        self.pos[rows] = n - 1  # the last prompt token's position: the first token's noise counter, as in a step
+        noise = counter_uniform(self.seeds[rows], self.pos[rows], self.top_k)
+        first = gumbel_sample(logits, noise, self.temperature[rows], self.top_k, self.row_top_k[rows])
+        self.tokens[rows] = first
+        self.pos[rows] = n
+        for index, sequence, token in zip(indices, sequences, first.view(-1).tolist()):
+            self.slots[index] = _Slot(sequence, _Row())
+            self._emit(index, token, 1)
 
     @torch.inference_mode()
     def step(self) -> bool:
@@ -611,20 +645,15 @@ class ContinuousBatcher:
             return bool(self.waiting)
         batch = next(b for b in self.buckets if b > busy[-1])
         self.last_batch = batch
-        # each row's last token and its position from the host, so rows that just joined, were forced a tool's
-        # output or are free (position 0, never past the cache) all step from the right place
-        inputs, positions = [0] * batch, [0] * batch
-        for i in busy:
-            slot = self.slots[i]
-            inputs[i], positions[i] = slot.last, len(slot.sequence.tokens) + slot.generated - 1
-            if self.row_top_k_host[i] > 1:
-                torch.rand(self.top_k, generator=slot.rng, device=self.device, out=self.noise[i])
-        self.tokens[:batch].copy_(torch.tensor(inputs).view(-1, 1))
-        self.pos[:batch].copy_(torch.tensor(positions))
         column = self._step(batch)().view(-1).tolist()  # the host's one wait per step
         for i in busy:
             forced = self.slots[i].row.forced
-            self._emit(i, *((forced.popleft(), 0) if forced else (column[i], 1)))
+            if forced:  # the calculator's output replaces the sampled token, as the row's next input too
+                token, mask = forced.popleft(), 0
+                self.tokens[i] = token
+            else:
+                token, mask = column[i], 1
+            self._emit(i, token, mask)
         return True
 
     def run(self, stop: threading.Event) -> None:
