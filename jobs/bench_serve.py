@@ -9,7 +9,8 @@ Random weights (jobs.bench_decode's model: no stop token is ever sampled, so eve
 are the batcher's own callbacks in this process, all submitted at once: what is timed is the scheduler and
 the GPU, not HTTP. Per level: aggregate tokens/s (all tokens over the time from the submission to the last
 token), time to first token and inter-token latency (p50, p99 over the streams' tokens); then the same
-requests one after another through the same batcher (its batch-1 step), as the baseline. First the check:
+requests one after another through the same batcher (its batch-1 step), as the baseline. Last, the largest
+level once more with batch_invariant off (every matrix product at its own batch size), for its price. First the check:
 the greedy tokens of --check-streams prompts, each alone and then all at once, and every batched one
 the argmax, up to rounding, of a full forward pass over the same sequence.
 """
@@ -58,8 +59,8 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def level(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int) -> dict:
-    """One concurrency level: all streams at once, then the same requests one at a time."""
+def level(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int, baseline: bool = True) -> dict:
+    """One concurrency level: all streams at once, then (if baseline) the same requests one at a time."""
     streams = [Stream(p, new_tokens, 0.8, seed) for seed, p in enumerate(prompts)]
     start = time.perf_counter()
     seconds = serve(batcher, streams)
@@ -68,12 +69,22 @@ def level(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int)
     tokens = sum(len(s.tokens) for s in streams)
     if tokens != len(prompts) * new_tokens:
         raise VibechatError(f"{tokens} tokens came back, not {len(prompts)} x {new_tokens}: a stream ended early")
-    one_at_a_time = sum(serve(batcher, [Stream(p, new_tokens, 0.8, seed)]) for seed, p in enumerate(prompts))
-    baseline = tokens / one_at_a_time
-    return {"clients": len(prompts), "tokens_per_s": tokens / seconds, "seconds": seconds,
-            "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
-            "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99),
-            "one_at_a_time_tokens_per_s": baseline, "speedup": tokens / seconds / baseline}
+    row = {"clients": len(prompts), "batch_invariant": batcher.batch_invariant, "tokens_per_s": tokens / seconds,
+           "seconds": seconds, "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
+           "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99)}
+    if baseline:
+        one_at_a_time = sum(serve(batcher, [Stream(p, new_tokens, 0.8, seed)]) for seed, p in enumerate(prompts))
+        row["one_at_a_time_tokens_per_s"] = tokens / one_at_a_time
+        row["speedup"] = row["tokens_per_s"] / row["one_at_a_time_tokens_per_s"]
+    return row
+
+
+def print_row(row: dict) -> None:
+    baseline = (f"{row['one_at_a_time_tokens_per_s']:>11,.0f} {row['speedup']:>5.1f}x" if "speedup" in row
+                else f"{'-':>11} {'-':>6}")
+    print(f"{row['clients']:>7} {'yes' if row['batch_invariant'] else 'no':>9} {row['tokens_per_s']:>9,.0f} "
+          f"{baseline} {row['ttft_ms_p50']:>9.1f} {row['ttft_ms_p99']:>7.1f} {row['itl_ms_p50']:>8.2f} "
+          f"{row['itl_ms_p99']:>7.2f}")
 
 
 def check_greedy_alone_equals_batched(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int) -> dict:
@@ -138,15 +149,19 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nd{args.depth}, {model.num_params() / 1e6:.0f}M parameters, {dtype}, {name}, torch {torch.__version__}; "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens a stream")
-    print(f"{'clients':>7} {'tok/s':>9} {'1-at-a-time':>11} {'ratio':>6} {'TTFT p50':>9} {'p99':>7} "
-          f"{'ITL p50':>8} {'p99':>7}  (ms)")
+    print(f"{'clients':>7} {'invariant':>9} {'tok/s':>9} {'1-at-a-time':>11} {'ratio':>6} {'TTFT p50':>9} "
+          f"{'p99':>7} {'ITL p50':>8} {'p99':>7}  (ms)")
     rows = []
     for clients in args.clients:
-        row = level(batcher, prompts(clients), args.new_tokens)
-        rows.append(row)
-        print(f"{clients:>7} {row['tokens_per_s']:>9,.0f} {row['one_at_a_time_tokens_per_s']:>11,.0f} "
-              f"{row['speedup']:>5.1f}x {row['ttft_ms_p50']:>9.1f} {row['ttft_ms_p99']:>7.1f} "
-              f"{row['itl_ms_p50']:>8.2f} {row['itl_ms_p99']:>7.2f}")
+        rows.append(level(batcher, prompts(clients), args.new_tokens))
+        print_row(rows[-1])
+    # the price of batch invariance: the largest level again, each shape at its own size (no baseline)
+    del batcher
+    free = ContinuousBatcher(model, NoStopTokenizer(args.vocab_size), max_batch=max_batch, batch_invariant=False)
+    free.warmup()
+    level(free, prompts(max(args.clients)), 8, baseline=False)
+    rows.append(level(free, prompts(max(args.clients)), args.new_tokens, baseline=False))
+    print_row(rows[-1])
     if args.out:
         result = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "depth": args.depth,
                   "params": model.num_params(), "vocab_size": args.vocab_size, "prompt_tokens": args.prompt_tokens,

@@ -152,23 +152,26 @@ class _DecodeWeights:
             torch.cat(group, out=buffer)
 
 
-def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
+def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache,
+                rows: int | None = None) -> torch.Tensor:
     """GPT.forward for one token per row, from the KV cache: the same arithmetic (the tests hold it to the full
     forward's logits), with the norms, ReLU² and residual adds folded into the matrix-vector products and
-    attention reading only the written part of the cache (vibechat.decode_ops)."""
+    attention reading only the written part of the cache (vibechat.decode_ops). `rows` pads every matrix
+    product to that many rows (decode_ops.linear): batch-invariant rounding."""
+    linear_ = partial(linear, rows=rows)
     B, pos = tokens.size(0), cache.pos
     H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
     cos, sin = weights.cos[pos].view(-1, 1, 1, D // 2), weights.sin[pos].view(-1, 1, 1, D // 2)  # per row or shared
     x = norm(weights.wte[tokens[:, 0]])  # (B, C)
     for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
-        q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q, k, v = linear_(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
         k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
         keys, values = cache.insert_kv(layer, k, v.view(B, H_kv, 1, D))
         y = decode_attention(q, keys, values, pos)
-        x = linear(y.view(B, H * D), o, residual=x)
-        x = linear(linear(x, fc, norm_input=True, relu2=True), proj, residual=x)
-    logits = linear(x, weights.lm_head, norm_input=True).float()
+        x = linear_(y.view(B, H * D), o, residual=x)
+        x = linear_(linear_(x, fc, norm_input=True, relu2=True), proj, residual=x)
+    logits = linear_(x, weights.lm_head, norm_input=True).float()
     cache.pos.add_(1)
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
@@ -444,6 +447,7 @@ class Engine:
 
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes: one captured step each, the smallest that fits runs
+PREFILL_TOKENS = 16_384  # the most prompt tokens (padding included) that one prefill pass of the batcher takes
 
 
 @dataclass
@@ -507,17 +511,20 @@ class ContinuousBatcher:
 
     Every sequence owns a row of one KV cache of max_batch rows and the model's full context. A step first
     admits waiting sequences into free rows (those with prompts of one length prefill together through
-    GPT.forward, their caches copied into the rows), then decodes one token for rows 0..b-1, b the smallest of
+    GPT.forward, their caches copied into the rows: up to PREFILL_TOKENS a pass), then decodes one token for rows 0..b-1, b the smallest of
     BATCH_BUCKETS above the highest busy row, through the fused decode step with a position per row. The rows'
     tokens, positions, seeds, temperatures and top_k live on the device and the step advances them itself, so
     the host's work per step is one replay and one read of the new column. On CUDA each bucket's step is
     captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the same code. Sampling noise is a
-    hash of (seed, position), so a sequence's draws do not depend on the other rows; its greedy tokens equal
-    those it gets alone wherever the matrix products round each row the same at every batch size (on CPU in
-    fp32; not cuBLAS in bf16 across batch sizes, see docs/benchmarks.md).
+    hash of (seed, position), so a sequence's draws do not depend on the other rows. With batch_invariant (the
+    default) every matrix product runs at one shape whatever the number of rows (decode steps padded to
+    max_batch rows, prefills to a row count fixed by the prompt length), so a sequence gets the same tokens,
+    bit for bit, alone or among others; without it, bf16 products of other shapes may round differently and
+    flip a near tie.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200,
+                 batch_invariant: bool = True):
         if not isinstance(model, GPT):
             raise VibechatError(f"continuous batching decodes a GPT through its fused step, not a {type(model).__name__}")
         self.engine = Engine(model, tokenizer)  # its request checks, stop tokens and calculator
@@ -542,11 +549,18 @@ class ContinuousBatcher:
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.last_batch = 0  # the bucket of the last step, for the server's occupancy metric
+        self.batch_invariant = batch_invariant
+
+    def _prefill_rows(self, length: int) -> int:
+        """Rows of every prefill of prompts of this length: fixed by the length alone when batch-invariant (a
+        sequence prefilled alone or with others then sees one matrix-product shape), at most PREFILL_TOKENS."""
+        return max(1, min(self.max_batch, PREFILL_TOKENS // length))
 
     def _step(self, batch: int) -> Callable[[], torch.Tensor]:
         if batch not in self._steps:
             rows = slice(0, batch)
-            args = (partial(_fused_step, self.model.config, self.weights), self.tokens[rows],
+            padded = self.max_batch if self.batch_invariant else None
+            args = (partial(_fused_step, self.model.config, self.weights, rows=padded), self.tokens[rows],
                     _StepCache(self.cache, self.pos[rows], rows=batch), self.seeds[rows], self.temperature[rows],
                     self.top_k, self.row_top_k[rows], self.cache.seq_len - 1)
             if self.engine.use_cuda_graph:
@@ -601,12 +615,14 @@ class ContinuousBatcher:
     def _prefill(self, indices: list[int], sequences: list[Sequence]) -> None:
         """Prefill sequences of one prompt length in one forward pass into rows `indices`; emit their first tokens."""
         config, n = self.model.config, len(sequences[0].tokens)
-        prefill = KVCache(len(sequences), config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
-        ids = torch.tensor([sequence.tokens for sequence in sequences], device=self.device)
-        logits = self.model(ids, kv_cache=prefill)[:, -1, :]
+        width = self._prefill_rows(n) if self.batch_invariant else len(sequences)
+        prefill = KVCache(width, config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
+        ids = torch.zeros(width, n, dtype=torch.long, device=self.device)  # rows past the sequences: padding
+        ids[:len(sequences)] = torch.tensor([sequence.tokens for sequence in sequences], device=self.device)
+        logits = self.model(ids, kv_cache=prefill)[:len(sequences), -1, :]
         rows = torch.tensor(indices, device=self.device)
         for dst, src in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
-            dst[rows, :, :n] = src
+            dst[rows, :, :n] = src[:len(sequences)]
         sampling = [_sampling(s.temperature, s.top_k, config.vocab_size) for s in sequences]
         self.temperature[rows] = torch.tensor([[t] for t, _ in sampling], device=self.device)
         self.row_top_k[rows] = torch.tensor([min(k, self.top_k) for _, k in sampling], device=self.device)
@@ -637,8 +653,10 @@ class ContinuousBatcher:
                     sequence.on_finish("length")
                 else:
                     joining.setdefault(len(sequence.tokens), []).append((free.pop(0), sequence))
-        for group in joining.values():
-            self._prefill([index for index, _ in group], [sequence for _, sequence in group])
+        for n, group in joining.items():
+            width = self._prefill_rows(n)
+            for chunk in (group[i:i + width] for i in range(0, len(group), width)):
+                self._prefill([index for index, _ in chunk], [sequence for _, sequence in chunk])
         busy = [i for i, slot in enumerate(self.slots) if slot is not None]
         if not busy:
             self.last_batch = 0
