@@ -10,6 +10,9 @@ logits, with uniform noise drawn from the request's seeded generator before each
 launches: the noise, the graph and the copy of its column to the host. The host runs one column behind: it
 reads and yields column t (the one host sync per step) while the GPU computes column t+1; when tool output
 overrides column t, the cache position steps back one and column t+1 is computed again.
+
+ContinuousBatcher serves many sequences at once (jobs.chat_server): each joins the running decode batch at a step
+boundary and leaves when done, with its own position, sampling settings and seed, through the same fused step.
 """
 
 import threading
