@@ -1,9 +1,11 @@
 """Chat with a checkpoint of a run: the model is loaded once per checkpoint, and its reply streams as text.
 
 The calculator's special tokens are not shown as they are: a call
-<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> shows as 🧮 `12*7` → 84.
+<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> shows as 🧮 `12*7` → `84`. The model's own
+text is shown verbatim: Markdown would eat the `*` of 7*7 and make `#### 34` a heading.
 """
 
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ import torch
 from vibechat.checkpoint_manager import build_model, load_checkpoint
 from vibechat.common import VibechatError, autocast_dtype, autodetect_device_type
 from vibechat.engine import Engine
+from vibechat.layout import TOKENIZER_DIR, checkpoint_dir, join
 from vibechat.tokenizer import RustBPETokenizer
 
 
@@ -26,17 +29,17 @@ class ChatModel:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def load_chat_model(run_url: str, source: str, model_tag: str, step: int) -> ChatModel:
-    """The model of <run>/checkpoints/<source>/<model_tag> at `step` and the run's tokenizer, on the GPU if any."""
+def load_chat_model(run_url: str, stage: str, model_tag: str, step: int) -> ChatModel:
+    """The model of <run>/checkpoints/<stage>/<model_tag> at `step` and the run's tokenizer, on the GPU if any."""
     device = torch.device(autodetect_device_type())
-    model_data, _, meta = load_checkpoint(f"{run_url}/checkpoints/{source}/{model_tag}", step, device)
+    model_data, _, meta = load_checkpoint(join(run_url, checkpoint_dir(stage, model_tag)), step, device)
     model = build_model(model_data, meta, device, "eval")
     model.to(dtype=autocast_dtype(device))  # bf16 on GPU: decoding reads every weight once per token
-    tokenizer = RustBPETokenizer.from_directory(f"{run_url}/tokenizer")
+    tokenizer = RustBPETokenizer.from_directory(join(run_url, TOKENIZER_DIR))
     if tokenizer.get_vocab_size() != model.config.vocab_size:
-        raise VibechatError(f"the run's tokenizer has {tokenizer.get_vocab_size()} tokens but the {source} model "
+        raise VibechatError(f"the run's tokenizer has {tokenizer.get_vocab_size()} tokens but the {stage} model "
                             f"expects {model.config.vocab_size}: checkpoint and tokenizer are from different runs")
-    return ChatModel(Engine(model, tokenizer), threading.Lock(), device, source != "base")
+    return ChatModel(Engine(model, tokenizer), threading.Lock(), device, stage != "base")
 
 
 def prompt_tokens(chat_model: ChatModel, conversation: list[int], text: str) -> list[int]:
@@ -49,8 +52,17 @@ def prompt_tokens(chat_model: ChatModel, conversation: list[int], text: str) -> 
             special("<|assistant_start|>")]
 
 
+def verbatim(text: str) -> str:
+    """Markdown that shows text as it is: inline marks (* _ ` # $ ...) and line-leading list or quote marks
+    escaped, line breaks kept."""
+    text = re.sub(r"([\\`*_\[\]<#|~$])", r"\\\1", text)
+    text = re.sub(r"(?m)^(\s*)([-+=>]|\d+[.)])", lambda m: f"{m.group(1)}{m.group(2)[:-1]}\\{m.group(2)[-1]}", text)
+    return text.replace("\n", "  \n")
+
+
 def display_text(tokenizer, tokens: list[int]) -> str:
-    """Reply tokens as the page shows them: the text, with each calculator call as 🧮 `expression` → result.
+    """Reply tokens as the page shows them (Markdown): the text verbatim, each calculator call as
+    🧮 `expression` → `result` set apart from the model's own copy of the result that usually follows.
 
     A call shows once its <|python_end|> arrives and its result once <|output_end|> does, so the text of a
     growing reply only ever grows at the end.
@@ -59,21 +71,27 @@ def display_text(tokenizer, tokens: list[int]) -> str:
     python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
     output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
     pieces, run, inside = [], [], None  # run: tokens since the last marker; inside: the open marker, if any
+
+    def text(run: list[int]) -> str:  # a space keeps "→ `64`" apart from the model's own "64 dollars"
+        shown = verbatim(tokenizer.decode(run))
+        return f" {shown}" if pieces and pieces[-1].startswith(" → ") and shown[:1].isalnum() else shown
+
     for token in tokens:
         if token in (python_start, output_start):
             if inside is None:
-                pieces.append(tokenizer.decode(run))
+                pieces.append(text(run))
             run, inside = [], token
         elif token == python_end and inside == python_start:
-            pieces.append(f"🧮 `{tokenizer.decode(run)}`")
+            space = " " if pieces and pieces[-1] and not pieces[-1][-1].isspace() else ""
+            pieces.append(f"{space}🧮 `{tokenizer.decode(run)}`")
             run, inside = [], None
         elif token == output_end and inside == output_start:
-            pieces.append(f" → {tokenizer.decode(run)}")
+            pieces.append(f" → `{tokenizer.decode(run)}`")
             run, inside = [], None
         else:
             run.append(token)
     if inside is None:
-        pieces.append(tokenizer.decode(run))
+        pieces.append(text(run))
     return "".join(pieces)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 logger = logging.getLogger("vibechat")
@@ -40,12 +41,31 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+AUTO_STEPS = -1  # --num-iterations: derive the step count from the data (or epochs)
+
+
+def steps_or_auto(text: str) -> int:
+    """argparse type of --num-iterations: at least 1 step, or AUTO_STEPS; 0 and other negatives are errors."""
+    value = _int_at_least(text, -2 ** 63)
+    if value < 1 and value != AUTO_STEPS:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of steps: give at least 1, or {AUTO_STEPS} to "
+                                         "derive the count")
+    return value
+
+
 def output_file(text: str) -> str:
     """argparse type of a file a program writes at its end: its folder must exist now, not after the work."""
     folder = os.path.dirname(os.path.abspath(text))
     if not os.path.isdir(folder):
         raise argparse.ArgumentTypeError(f"cannot write {text}: folder {folder} does not exist")
     return text
+
+
+def format_duration(seconds: float) -> str:
+    """3m05s, or 1h02m03s from an hour on."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 def get_store_url() -> str:
@@ -63,7 +83,9 @@ def get_base_dir() -> str:
         return os.environ["VIBECHAT_BASE_DIR"]
     run = os.environ.get("VIBECHAT_RUN")
     if run:
-        return get_store_url().rstrip("/") + "/runs/" + run
+        from vibechat.layout import join, run_dir
+
+        return join(get_store_url(), run_dir(run))
     return DEFAULT_HOME
 
 
@@ -168,13 +190,18 @@ class DummyWandb:
 
 
 def run_main(main) -> None:
-    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2."""
+    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2. Output into a closed pipe
+    (`| head -1`) ends the program quietly with the status of a SIGPIPE death, as other command-line tools do."""
     try:
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
     except VibechatError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         compute_cleanup()
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def reduce_scatter_mean(out: torch.Tensor, stacked: torch.Tensor) -> None:
