@@ -529,3 +529,28 @@ def test_batched_samples_follow_the_softmax_of_the_top_k_at_the_temperature():
     expected = torch.softmax(logits[0, :3] / 0.7, dim=0)
     assert torch.allclose(torch.bincount(draws, minlength=5)[:3] / 20_000, expected, atol=0.015)
     assert (draws < 3).all()
+
+
+def test_a_batched_calculator_call_gets_its_result_forced_in_and_fed_back_as_the_rows_next_inputs():
+    tokenizer = CharTokenizer(first_special=VOCAB)
+    special = tokenizer.encode_special
+    b = ContinuousBatcher(random_gpt(), tokenizer)
+    call = [special("<|python_start|>"), *tokenizer.encode("2+3"), special("<|python_end|>")]
+    # the three columns sampled while the tool's output is forced are dropped
+    script = iter(call + tokenizer.encode("xyz") + tokenizer.encode("k") + [special("<|assistant_end|>")])
+    inputs = []
+
+    def scripted_step() -> torch.Tensor:  # stands in for the decode step: records its input, writes the script
+        inputs.append(int(b.tokens[0, 0]))
+        b.tokens[0, 0] = next(script)
+        return b.tokens[:1]
+
+    b._steps[1] = scripted_step
+    emitted, finish = [], []
+    b.submit(Sequence([1, 2], 30, lambda t, m: emitted.append((t, m)), finish.append))
+    drain(b)
+    forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
+    expected = call + forced + tokenizer.encode("k") + [special("<|assistant_end|>")]
+    assert [t for t, _ in emitted[1:]] == expected and finish == ["stop"]
+    assert [m for _, m in emitted[1:]] == [1] * len(call) + [0] * len(forced) + [1, 1]
+    assert inputs[1:] == [t for t, _ in emitted[1:-1]]  # each step read the token emitted before it
