@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from jobs.bench_decode import ARGMAX_TOLERANCE, NoStopTokenizer, largest_argmax_shortfall, random_model
-from vibechat.common import VibechatError, autocast_dtype, compute_init, output_file, positive_int, run_main
+from jobs.bench_decode import (ARGMAX_TOLERANCE, NoStopTokenizer, add_model_arguments, largest_argmax_shortfall,
+                               parse_model_arguments, random_model)
+from vibechat.common import VibechatError, autocast_dtype, compute_init, positive_int, run_main
 from vibechat.engine import ContinuousBatcher, Sequence
 
 
@@ -111,21 +112,12 @@ def check_greedy_alone_equals_batched(batcher: ContinuousBatcher, prompts: list[
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=positive_int, default=20, help="model depth (default: 20)")
-    parser.add_argument("--vocab-size", type=positive_int, default=65536, help="(default: 65536)")
-    parser.add_argument("--sequence-len", type=positive_int, default=2048, help="model context (default: 2048)")
+    add_model_arguments(parser)
     parser.add_argument("--clients", type=positive_int, nargs="+", default=[1, 8, 32, 64],
                         help="concurrent streams, one level each (default: 1 8 32 64)")
-    parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="(default: 128)")
-    parser.add_argument("--new-tokens", type=positive_int, default=256, help="tokens per stream (default: 256)")
     parser.add_argument("--check-streams", type=positive_int, default=32,
                         help="streams in the greedy alone-vs-batched check (default: 32)")
-    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: the best available)")
-    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
-    args = parser.parse_args()
-    if args.prompt_tokens + args.new_tokens > args.sequence_len:
-        raise VibechatError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed "
-                            f"--sequence-len {args.sequence_len}: lengthen the context or generate fewer tokens")
+    args = parse_model_arguments(parser)
     _, _, _, _, device = compute_init(args.device)
     dtype = autocast_dtype(device)
     model = random_model(args.depth, args.vocab_size, args.sequence_len, device).to(dtype=dtype)
