@@ -256,3 +256,16 @@ def test_a_full_queue_is_a_503_with_retry_after(one_row_server):
     stream.close()
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "overloaded"
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "no 'sft' checkpoint in"),
+    (["--port", "70000"], "--port 70000 is not a port"),
+    (["--max-batch", "0"], "--max-batch: 0 must be at least 1"),
+])
+def test_a_missing_checkpoint_or_a_bad_option_is_one_line_and_a_nonzero_exit(tmp_path, args, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
+    env["VIBECHAT_BASE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
