@@ -8,21 +8,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 
 import httpx2 as httpx
 import openai
 import pytest
-import torch
 
 from jobs.chat_server import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS
-from vibechat.checkpoint_manager import save_checkpoint
-from vibechat.gpt import GPT, GPTConfig
-from vibechat.tokenizer import RustBPETokenizer
+from tests.model_fixtures import CHAT_TEXTS, write_chat_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXTS = ["hello there, how are you today?", "the sky is blue because air scatters blue light",
-         "two plus three is five", "a quick brown fox jumps over the lazy dog"] * 20
 CONTEXT = 1024
 MODEL = "default/sft/0"
 
@@ -31,16 +25,7 @@ MODEL = "default/sft/0"
 def base_dir(tmp_path_factory):
     """A base dir holding a trained 300-token tokenizer and an sft checkpoint of a tiny random GPT."""
     base = tmp_path_factory.mktemp("run")
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(TEXTS), vocab_size=300)
-    tokenizer.save(str(base / "tokenizer"))
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=CONTEXT, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-    model = GPT(config)
-    model.init_weights()
-    for p in model.parameters():  # past init, where every block is the identity
-        p.data.normal_(std=0.3)
-    save_checkpoint(str(base / "checkpoints" / "sft" / "d2"), 0, model.state_dict(), None,
-                    {"step": 0, "model_config": asdict(config)})
+    write_chat_checkpoint(base, sequence_len=CONTEXT)
     return base
 
 
@@ -144,7 +129,7 @@ def test_n_samples_give_n_choices_that_differ_and_a_seed_repeats_them(server):
 
 
 def test_16_concurrent_greedy_clients_get_exactly_what_each_gets_alone(server):
-    prompts = [f"{TEXTS[i % 4]} {i}" for i in range(16)]
+    prompts = [f"{CHAT_TEXTS[i % 4]} {i}" for i in range(16)]
     alone = [ask(server, p, max_tokens=24, temperature=0).choices[0].message.content for p in prompts]
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(lambda p: ask(server, p, max_tokens=24, temperature=0).choices[0].message.content,
