@@ -465,6 +465,13 @@ def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_th
     ]
 
 
+def test_an_eta_past_an_hour_shows_hours_minutes_and_seconds(capsys):
+    console, job = Console(), PhaseJob("r", "base", 1, "jobs.base_train")
+    console.output(job, "step 10/10000 | loss 4.0000\n", 0.0)
+    console.output(job, "step 20/10000 | loss 3.9000\n", 10.0)  # a second a step, 9,980 steps to go
+    assert capsys.readouterr().out.splitlines()[-1].endswith("eta 2h46m20s")
+
+
 # --- the local backend --------------------------------------------------------------------------
 
 def fake_job(store_url, run_id, **args) -> PhaseJob:
