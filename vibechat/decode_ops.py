@@ -99,8 +99,8 @@ if triton is not None:
 
     @triton.jit
     def _attention_block_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, pos_stride, m_ptr, l_ptr, acc_ptr, scale,
-                                T: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                T: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
         """One (row, head, block of positions): the block's max score, softmax denominator and weighted values."""
         bh, block = tl.program_id(0), tl.program_id(1)
         n_blocks = tl.num_programs(1)
@@ -131,8 +131,8 @@ if triton is not None:
         l = torch.empty_like(m)
         acc = torch.empty(B, H, n_blocks, D, dtype=torch.float32, device=q.device)
         _attention_block_kernel[(B * H, n_blocks)](
-            q.contiguous(), k_cache, v_cache, pos, 0 if pos.numel() == 1 else 1, m, l, acc, 1.0 / math.sqrt(D), T, H, H // k_cache.size(1), D,
-            triton.next_power_of_2(D), ATTENTION_BLOCK)
+            q.contiguous(), k_cache, v_cache, pos, 0 if pos.numel() == 1 else 1, m, l, acc, 1.0 / math.sqrt(D), T, H,
+            H // k_cache.size(1), D, triton.next_power_of_2(D), ATTENTION_BLOCK)
         # blocks past the position hold max -inf and weigh 0; the first block always holds position 0
         weight = torch.exp(m - m.amax(dim=-1, keepdim=True))
         y = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]

@@ -514,9 +514,9 @@ class ContinuousBatcher:
 
     Every sequence owns a row of one KV cache of max_batch rows and the model's full context. A step first
     admits waiting sequences into free rows (those with prompts of one length prefill together through
-    GPT.forward, their caches copied into the rows: up to PREFILL_TOKENS a pass), then decodes one token for rows 0..b-1, b the smallest of
-    BATCH_BUCKETS above the highest busy row, through the fused decode step with a position per row. The rows'
-    tokens, positions, seeds, temperatures and top_k live on the device and the step advances them itself, so
+    GPT.forward, their caches copied into the rows: up to PREFILL_TOKENS a pass), then decodes one token for
+    rows 0..b-1, b the smallest of BATCH_BUCKETS above the highest busy row, through the fused decode step
+    with a position per row. The rows' tokens, positions, seeds, temperatures and top_k live on the device and the step advances them itself, so
     the host's work per step is one replay and one read of the new column. On CUDA each bucket's step is
     captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the same code. Sampling noise is a
     hash of (seed, position), so a sequence's draws do not depend on the other rows. With batch_invariant (the
@@ -529,7 +529,8 @@ class ContinuousBatcher:
     def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200,
                  batch_invariant: bool = True):
         if not isinstance(model, GPT):
-            raise VibechatError(f"continuous batching decodes a GPT through its fused step, not a {type(model).__name__}")
+            raise VibechatError("continuous batching decodes a GPT through its fused step, not a "
+                                f"{type(model).__name__}")
         self.engine = Engine(model, tokenizer)  # its request checks, stop tokens and calculator
         self.model, config = model, model.config
         self.device = device = model.get_device()
