@@ -517,8 +517,9 @@ class ContinuousBatcher:
     GPT.forward, their caches copied into the rows: up to PREFILL_TOKENS a pass), then decodes one token for
     rows 0..b-1, b the smallest of BATCH_BUCKETS above the highest busy row, through the fused decode step
     with a position per row. The rows' tokens, positions, seeds, temperatures and top_k live on the device and
-    the step advances them itself, so the host's work per step is one replay and one read of the new column. On CUDA each bucket's step is
-    captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the same code. Sampling noise is a
+    the step advances them itself, so the host's work per step is one replay and one read of the new column.
+    On CUDA each bucket's step is captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the
+    same code. Sampling noise is a
     hash of (seed, position), so a sequence's draws do not depend on the other rows. With batch_invariant (the
     default) every matrix product runs at one shape whatever the number of rows (decode steps padded to
     max_batch rows, prefills to a row count fixed by the prompt length), so a sequence gets the same tokens,
