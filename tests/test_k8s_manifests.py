@@ -475,3 +475,15 @@ def test_image_dependencies_are_pinned():
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.lock").read_text().splitlines()]
     pins = [line for line in lines if line]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s;]*", p) for p in pins), pins
+
+
+def test_chat_server_serves_the_configured_run_on_a_gpu_with_ready_and_health_probes():
+    pod = find("Deployment", "vibechat-serve")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "jobs.chat_server"]
+    assert {"--run=$(VIBECHAT_RUN)", "--source=$(VIBECHAT_SERVE_SOURCE)", "--host=0.0.0.0"} <= set(container["args"])
+    assert set(find("ConfigMap", "vibechat-serve")["data"]) == {"VIBECHAT_RUN", "VIBECHAT_SERVE_SOURCE"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert find("Service", "vibechat-serve")["spec"]["ports"][0]["port"] == 8000
