@@ -164,7 +164,7 @@ def make_backend(run: pl.RunState, store: Store) -> Backend:
         from jobs.backends.kubernetes import KubernetesBackend
 
         k8s = run.config["kubernetes"]
-        return KubernetesBackend(namespace=k8s["namespace"], image=k8s["image"])
+        return KubernetesBackend(namespace=k8s["namespace"], image=k8s["image"], settings=k8s)
     from jobs.backends.local import LocalBackend
 
     return LocalBackend(local_state_dir(store))
@@ -180,7 +180,7 @@ def phase_job(run: pl.RunState, store: Store, phase: str, attempt: int) -> Phase
         "OMP_NUM_THREADS": str(run.config["omp_num_threads"] or os.cpu_count() or 1),
     }
     return PhaseJob(run.run_id, phase, attempt, cfg["module"], pl.phase_argv(phase, cfg["args"]), env,
-                    cfg["nnodes"], cfg["nproc_per_node"], cfg["gpus_per_node"])
+                    cfg["nnodes"], cfg["nproc_per_node"], cfg["gpus_per_node"], cfg.get("resources", {}))
 
 
 def log_key(run_id: str, phase: str, attempt: int) -> str:

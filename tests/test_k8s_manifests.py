@@ -33,7 +33,7 @@ from vibechat.storage import open_store
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-CRD = ROOT.parent / "shared" / "schemas" / "kubeflow.org_pytorchjobs.yaml"
+CRD = ROOT / "tests" / "schemas" / "kubeflow.org_pytorchjobs.yaml"  # the training operator's, as released
 K8S_VERSIONS = ["1.35", "1.36", "1.37"]  # the minor versions upstream supports as of late 2026
 STORE = "s3://vibechat/store"
 
@@ -69,8 +69,31 @@ def phase_job(program: str, nnodes: int = 1, gpus: int = 8, run_id: str = RUN_ID
     ), **changes)
 
 
-def render(job: PhaseJob) -> dict:
-    return render_pytorchjob(job, image="registry.example/vibechat:0.1.0", namespace="vibechat")
+def render(job: PhaseJob, settings: dict | None = None) -> dict:
+    return render_pytorchjob(job, image="registry.example/vibechat:0.1.0", namespace="vibechat", settings=settings)
+
+
+def pod_spec(job: dict, replica: str = "Master") -> dict:
+    return job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+
+
+# each new kubernetes setting, as a platform team would set it
+SETTINGS = {
+    "queue": {"queue": "team-a"},
+    "priority_class": {"priority_class": "training-high"},
+    "gang_scheduling": {"gang_scheduling": True},
+    "node_selector": {"node_selector": {"cloud.google.com/gke-nodepool": "h100", "topology.kubernetes.io/zone": "a"}},
+    "tolerations": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+                                    {"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}]},
+    "affinity": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}},
+    "service_account": {"service_account": "vibechat-phase"},
+    "image_pull_secrets": {"image_pull_secrets": ["regcred", "mirror"]},
+    "s3_secret": {"s3_secret": "team-a-bucket"},
+    "env": {"env": {"NCCL_DEBUG": "WARN", "HF_HUB_OFFLINE": "1"}},
+}
+SETTINGS["all"] = {k: v for one in SETTINGS.values() for k, v in one.items()}
+RESOURCES = {"guaranteed": {"cpu": 32, "memory": "256Gi", "ephemeral_storage": "500Gi", "guaranteed": True}}
 
 
 def master_container(job: dict) -> dict:
@@ -100,7 +123,7 @@ def strict(schema: dict) -> dict:
 @pytest.fixture(scope="module")
 def crd_validator() -> jsonschema.Draft7Validator:
     if not CRD.exists():
-        pytest.fail(f"the PyTorchJob CRD is expected at {CRD} (shared/ beside the repository)")
+        pytest.fail(f"the PyTorchJob CRD is expected at {CRD}")
     crd = yaml.safe_load(CRD.read_text())
     schema = strict(crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
     return jsonschema.Draft7Validator(schema)
@@ -219,9 +242,99 @@ def test_webhook_rules_reject_two_masters():
     assert webhook_errors(job) == ["Master replicas must be 1"]
 
 
-def test_every_phase_program_has_a_template():
-    programs = {module.removeprefix("jobs.") for module, _ in pl.PHASE_PROGRAMS.values()}
-    assert programs == {p.stem for p in (K8S / "phases").glob("*.yaml")} == set(GPU_PROGRAMS + CPU_PROGRAMS)
+@pytest.mark.parametrize("variant", [*SETTINGS, *RESOURCES])
+def test_every_rendered_job_with_each_setting_validates_strictly(crd_validator, variant):
+    for param in cases():
+        job = param.values[0]
+        if variant in RESOURCES:
+            job = replace(job, resources=RESOURCES[variant])
+        manifest = render(job, SETTINGS.get(variant))
+        assert schema_errors(crd_validator, manifest) == [] and webhook_errors(manifest) == [], param.id
+        for kind, spec in manifest["spec"]["pytorchReplicaSpecs"].items():
+            wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": kind.lower()}, "template": spec["template"]}
+            assert k8s_errors(wrapper, K8S_VERSIONS[-1]) == [], f"{param.id} {kind}"
+
+
+def test_every_phase_program_runs_from_the_one_template():
+    for module, _ in pl.PHASE_PROGRAMS.values():
+        container = master_container(render(phase_job(module.removeprefix("jobs."))))
+        assert container["command"][-2:] == ["-m", module]
+    assert [p.name for p in (K8S / "phases").iterdir()] == ["pytorchjob.yaml"]
+
+
+def test_a_queue_creates_the_job_suspended_and_labelled_for_kueue():
+    job = render(phase_job("base_train"), SETTINGS["queue"])
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["runPolicy"]["suspend"] is True
+
+
+def test_without_a_queue_the_job_starts_at_once():
+    job = render(phase_job("base_train"))
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"] and "suspend" not in job["spec"]["runPolicy"]
+
+
+def test_gang_scheduling_asks_for_all_nodes_at_once_at_the_priority_class():
+    job = render(phase_job("base_train", nnodes=4), {"gang_scheduling": True, "priority_class": "training-high"})
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4, "priorityClass": "training-high"}
+    assert "schedulingPolicy" not in render(phase_job("base_train", nnodes=4))["spec"]["runPolicy"]
+
+
+def test_placement_settings_reach_every_pod_of_the_job():
+    job = render(phase_job("base_train", nnodes=2), SETTINGS["all"])
+    for replica in ("Master", "Worker"):
+        pod = pod_spec(job, replica)
+        assert pod["nodeSelector"] == SETTINGS["node_selector"]["node_selector"]
+        assert pod["tolerations"][:2] == SETTINGS["tolerations"]["tolerations"]
+        assert pod["affinity"] == SETTINGS["affinity"]["affinity"]
+        assert pod["priorityClassName"] == "training-high"
+        assert pod["serviceAccountName"] == "vibechat-phase"
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+        container = pod["containers"][0]
+        assert {"secretRef": {"name": "team-a-bucket", "optional": True}} in container["envFrom"]
+        assert {"name": "NCCL_DEBUG", "value": "WARN"} in container["env"]
+
+
+def test_gpu_pods_tolerate_the_gpu_taint_and_cpu_pods_do_not():
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(render(phase_job("base_train")))["tolerations"]
+    assert "tolerations" not in pod_spec(render(phase_job("tok_train")))
+
+
+def test_run_env_wins_over_the_extra_env():
+    container = master_container(render(phase_job("base_train"), {"env": {"VIBECHAT_RUN": "other"}}))
+    assert [e["value"] for e in container["env"] if e["name"] == "VIBECHAT_RUN"] == [RUN_ID]
+
+
+def test_a_guaranteed_phase_limits_cpu_memory_and_scratch_to_its_requests():
+    resources = master_container(render(phase_job("base_train", resources=RESOURCES["guaranteed"])))["resources"]
+    assert resources["requests"] == resources["limits"] == {
+        "cpu": "32", "memory": "256Gi", "ephemeral-storage": "500Gi", "nvidia.com/gpu": 8}
+
+
+def test_a_burstable_phase_has_no_cpu_limit():
+    resources = master_container(render(phase_job("tok_train")))["resources"]
+    assert resources["requests"] == {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "20Gi"}
+    assert resources["limits"] == {"memory": "8Gi", "ephemeral-storage": "20Gi"}
+
+
+def test_phase_pods_write_only_to_size_limited_scratch_and_shared_memory():
+    pod = pod_spec(render(phase_job("base_train", resources={"ephemeral_storage": "300Gi", "memory": "96Gi"})))
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v["emptyDir"] for v in pod["volumes"]}
+    assert volumes == {"dshm": {"medium": "Memory", "sizeLimit": "96Gi"}, "scratch": {"sizeLimit": "300Gi"}}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/tmp", "/home/vibechat"}
+
+
+def test_a_template_in_the_configmap_wins_over_the_image_copy(tmp_path, monkeypatch):
+    edited = (K8S / "phases" / "pytorchjob.yaml").read_text().replace("cleanPodPolicy: Running", "cleanPodPolicy: All")
+    (tmp_path / "pytorchjob.yaml").write_text(edited)
+    monkeypatch.setenv("VIBECHAT_PHASE_TEMPLATE", str(tmp_path / "pytorchjob.yaml"))
+    assert render(phase_job("report"))["spec"]["runPolicy"]["cleanPodPolicy"] == "All"
+
+
+def test_without_the_configmap_the_image_template_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBECHAT_PHASE_TEMPLATE", str(tmp_path / "not-mounted.yaml"))
+    assert render(phase_job("report"))["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
 
 
 def test_job_and_its_pods_carry_the_run_and_phase_labels():
@@ -257,7 +370,8 @@ def test_job_restarts_failed_containers_a_bounded_number_of_times():
     assert {s["restartPolicy"] for s in job["spec"]["pytorchReplicaSpecs"].values()} == {"OnFailure"}
     # the operator counts container restarts against backoffLimit only for OnFailure/Always
     assert job["spec"]["runPolicy"]["backoffLimit"] == 2
-    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] > 0
+    # nothing deletes a job before the controller recorded its end (it sets the TTL then)
+    assert "ttlSecondsAfterFinished" not in job["spec"]["runPolicy"]
 
 
 def test_trainer_runs_under_torchrun_from_the_operator_variables():
@@ -309,26 +423,27 @@ def test_local_store_is_refused_for_pods():
         render(job)
 
 
-def test_program_without_template_is_refused():
-    with pytest.raises(KubernetesError, match=r"no PyTorchJob template for jobs.chat_web: expected .*chat_web.yaml"):
-        render(phase_job("base_train", module="jobs.chat_web"))
+def test_a_missing_template_is_named(tmp_path):
+    with pytest.raises(KubernetesError, match=r"the PyTorchJob template .*gone.yaml does not exist"):
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", template=tmp_path / "gone.yaml")
 
 
-def test_cpu_template_refuses_two_nodes():
-    with pytest.raises(KubernetesError, match="no Worker replicas"):
-        render(phase_job("tok_train", nnodes=2))
+def test_a_queue_name_that_is_no_label_value_is_refused():
+    with pytest.raises(KubernetesError, match="kubernetes.queue 'team a' cannot be a label value"):
+        render(phase_job("base_train"), {"queue": "team a"})
 
 
-def test_cpu_template_refuses_gpus():
-    with pytest.raises(KubernetesError, match="requests no nvidia.com/gpu but .* asks for 8 per node"):
-        render(phase_job("report", gpus_per_node=8))
+def test_a_template_that_is_no_pytorchjob_is_named(tmp_path):
+    (tmp_path / "pytorchjob.yaml").write_text("apiVersion: v1\nkind: ConfigMap\n")
+    with pytest.raises(KubernetesError, match=r"pytorchjob.yaml is not a PyTorchJob with Master replicas"):
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", template=tmp_path / "pytorchjob.yaml")
 
 
 def test_unknown_placeholder_in_a_template_is_named(tmp_path):
-    text = (K8S / "phases" / "report.yaml").read_text().replace("${IMAGE}", "${IMAGE_REF}")
-    (tmp_path / "report.yaml").write_text(text)
+    text = (K8S / "phases" / "pytorchjob.yaml").read_text().replace("${IMAGE}", "${IMAGE_REF}")
+    (tmp_path / "pytorchjob.yaml").write_text(text)
     with pytest.raises(KubernetesError, match=r"unknown placeholder \$\{IMAGE_REF\}"):
-        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", templates_dir=tmp_path)
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", template=tmp_path / "pytorchjob.yaml")
 
 
 # --- kubectl apply -f k8s/ -----------------------------------------------------------------------------

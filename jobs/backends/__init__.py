@@ -19,6 +19,7 @@ class PhaseJob:
     nnodes: int = 1
     nproc_per_node: int = 1
     gpus_per_node: int = 0  # 0: CPU job
+    resources: dict = field(default_factory=dict)  # the phase's config `resources`: cpu, memory, ... per node
 
     @property
     def name(self) -> str:

@@ -1,4 +1,4 @@
-"""Phases as Kubeflow PyTorchJobs: render k8s/phases/<program>.yaml for a PhaseJob, create it, follow its
+"""Phases as Kubeflow PyTorchJobs: render k8s/phases/pytorchjob.yaml for a PhaseJob, create it, follow its
 conditions and pods, read its logs, delete it. Also the Lease-based leader election that lets two
 controller replicas run while only one acts (hold_leadership).
 
@@ -23,12 +23,17 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from jobs.backends import JobStatus, PhaseJob
+from jobs.config import CPU_RESOURCES, GPU_RESOURCES, KUBERNETES_DEFAULTS
 from vibechat.common import VibechatError
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "k8s" / "phases"
+TEMPLATE = Path(__file__).resolve().parents[2] / "k8s" / "phases" / "pytorchjob.yaml"
+# where the controller Deployment mounts the ConfigMap vibechat-phase-template; optional, so absent after
+# `kubectl apply -f k8s/`, and then the image's copy is used
+TEMPLATE_ENV = "VIBECHAT_PHASE_TEMPLATE"
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 CONTAINER = "pytorch"  # the operator only treats the container of this name as the trainer
 GPU = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue admits a suspended job of a queue by unsuspending it
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # set by the operator on every pod of a job
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
 MAX_NAME = 63  # the operator names a Service after each pod: a DNS-1035 label
@@ -46,13 +51,22 @@ class KubernetesError(VibechatError):
 # Rendering
 
 
+def template_path() -> Path:
+    """The phase template: the ConfigMap's copy where the controller has it mounted, else the image's."""
+    mounted = os.environ.get(TEMPLATE_ENV)
+    return Path(mounted) if mounted and Path(mounted).is_file() else TEMPLATE
+
+
 def render_pytorchjob(
-    job: PhaseJob, image: str, namespace: str, secret_name: str = "vibechat-s3", templates_dir: Path = TEMPLATES_DIR
+    job: PhaseJob, image: str, namespace: str, settings: dict | None = None, template: Path | None = None
 ) -> dict:
-    """The PyTorchJob manifest for one attempt of one phase, from the template of its program."""
-    path = Path(templates_dir) / f"{job.module.removeprefix('jobs.')}.yaml"
+    """The PyTorchJob manifest for one attempt of one phase: the template filled in for its program, sized
+    by job.resources and placed by `settings` (the config's kubernetes section; defaults for what it lacks)."""
+    path = Path(template or template_path())
     if not path.is_file():
-        raise KubernetesError(f"no PyTorchJob template for {job.module}: expected {path}")
+        raise KubernetesError(f"the PyTorchJob template {path} does not exist: restore k8s/phases/pytorchjob.yaml "
+                              f"or point ${TEMPLATE_ENV} at a copy")
+    settings = {**KUBERNETES_DEFAULTS, **(settings or {})}
     _check_names(job)
     store = job.env.get("VIBECHAT_STORE", "")
     if not store.startswith("s3://"):
@@ -62,11 +76,14 @@ def render_pytorchjob(
     if not image or any(c.isspace() for c in image):
         raise KubernetesError(f"image {image!r} is not an image reference: set kubernetes.image in the run's config, "
                               "e.g. registry.example/vibechat:0.1.0")
+    queue = settings["queue"]
+    if queue is not None and (len(queue) > MAX_NAME or not _LABEL_VALUE.fullmatch(queue)):
+        raise KubernetesError(f"kubernetes.queue {queue!r} cannot be a label value: name a Kueue LocalQueue "
+                              "(at most 63 letters, digits, '-', '_' or '.')")
     values = {
         "NAME": job.name, "NAMESPACE": namespace, "RUN_ID": job.run_id, "PHASE": job.phase,
-        "ATTEMPT": str(job.attempt), "IMAGE": image, "S3_SECRET": secret_name,
+        "ATTEMPT": str(job.attempt), "IMAGE": image, "S3_SECRET": settings["s3_secret"], "MODULE": job.module,
         "NPROC_PER_NODE": str(job.nproc_per_node), "WORKERS": str(job.nnodes - 1),
-        "GPUS_PER_NODE": str(job.gpus_per_node),
     }
 
     def fill(match: re.Match) -> str:
@@ -74,29 +91,70 @@ def render_pytorchjob(
             raise KubernetesError(f"{path}: unknown placeholder {match.group(0)}; known: {', '.join(values)}")
         return values[match.group(1)]
 
-    manifest = yaml.safe_load(_PLACEHOLDER.sub(fill, path.read_text()))
-    replicas = manifest["spec"]["pytorchReplicaSpecs"]
+    try:
+        manifest = yaml.safe_load(_PLACEHOLDER.sub(fill, path.read_text()))
+        replicas = manifest["spec"]["pytorchReplicaSpecs"]
+        replicas["Master"]["template"]["spec"]["containers"]
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        raise KubernetesError(f"{path} is not a PyTorchJob with Master replicas ({type(e).__name__}: {e}): "
+                              "restore it from k8s/phases/pytorchjob.yaml") from None
     if job.nnodes == 1:
         replicas.pop("Worker", None)
     elif "Worker" not in replicas:
         raise KubernetesError(f"{path} has no Worker replicas, so it runs on one node, but {job.name} asks for {job.nnodes}")
+    run_policy = manifest["spec"].setdefault("runPolicy", {})
+    if queue is not None:
+        manifest["metadata"]["labels"][QUEUE_LABEL] = queue
+        run_policy["suspend"] = True  # Kueue starts it when the queue has room
+    if settings["gang_scheduling"]:
+        run_policy["schedulingPolicy"] = {"minAvailable": job.nnodes}
+        if settings["priority_class"]:
+            run_policy["schedulingPolicy"]["priorityClass"] = settings["priority_class"]
+    resources = pod_resources(job.resources, job.gpus_per_node)
+    extra_env = {**settings["env"], **job.env}
     for spec in replicas.values():
         # Master and Worker share one pod spec through a YAML anchor: give each its own copy
         pod = spec["template"]["spec"] = copy.deepcopy(spec["template"]["spec"])
-        container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
+        container = next((c for c in pod["containers"] if c["name"] == CONTAINER), None)
+        if container is None:
+            raise KubernetesError(f"{path} has no container named {CONTAINER!r}: the operator runs only that one")
         container["args"] = list(job.args)
-        container["env"] = [e for e in container.get("env", []) if e["name"] not in job.env]
-        container["env"] += [{"name": k, "value": str(v)} for k, v in sorted(job.env.items())]
-        for kind in ("requests", "limits"):
-            resources = container.setdefault("resources", {}).setdefault(kind, {})
-            if job.gpus_per_node == 0:
-                resources.pop(GPU, None)
-            elif GPU not in resources:
-                raise KubernetesError(
-                    f"{path} requests no {GPU} but {job.name} asks for {job.gpus_per_node} per node: "
-                    f"add {GPU} to the template's resources or give the phase no GPUs"
-                )
+        container["env"] = [e for e in container.get("env", []) if e["name"] not in extra_env]
+        container["env"] += [{"name": k, "value": str(v)} for k, v in sorted(extra_env.items())]
+        container["resources"] = resources
+        _place(pod, settings, job.gpus_per_node)
+        for volume in pod.get("volumes", []):
+            # the scratch volume is what ephemeral_storage pays for; /dev/shm counts against the memory
+            if volume["name"] == "scratch":
+                volume["emptyDir"]["sizeLimit"] = resources["limits"]["ephemeral-storage"]
+            elif volume["name"] == "dshm":
+                volume["emptyDir"]["sizeLimit"] = resources["limits"]["memory"]
     return manifest
+
+
+def pod_resources(resources: dict, gpus: int) -> dict:
+    """A trainer container's requests and limits. Memory and scratch space are limited to what is requested
+    (a pod never grows into a neighbour's); CPU too where the phase asks for Guaranteed QoS, which the
+    kubelet's static CPU manager needs to pin whole cores (NUMA-aligned with the GPUs by its topology manager)."""
+    r = {**(GPU_RESOURCES if gpus else CPU_RESOURCES), **resources}
+    requests = {"cpu": str(r["cpu"]), "memory": str(r["memory"]), "ephemeral-storage": str(r["ephemeral_storage"])}
+    limits = {k: v for k, v in requests.items() if k != "cpu" or r["guaranteed"]}
+    if gpus:
+        requests[GPU] = limits[GPU] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _place(pod: dict, settings: dict, gpus: int) -> None:
+    """Where the pod may run and what it runs as, from the config's kubernetes section."""
+    tolerations = list(settings["tolerations"])
+    if gpus:  # GPU nodes are commonly tainted so that only pods asking for GPUs land there
+        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
+    optional = {
+        "nodeSelector": dict(settings["node_selector"]), "tolerations": tolerations, "affinity": settings["affinity"],
+        "priorityClassName": settings["priority_class"], "serviceAccountName": settings["service_account"],
+        "imagePullSecrets": [{"name": name} for name in settings["image_pull_secrets"]],
+    }
+    pod.update({key: value for key, value in optional.items() if value})
 
 
 def _check_names(job: PhaseJob) -> None:
@@ -241,14 +299,12 @@ class KubernetesBackend:
         self,
         namespace: str,
         image: str,
-        secret_name: str = "vibechat-s3",
         api_client: client.ApiClient | None = None,
-        templates_dir: Path = TEMPLATES_DIR,
+        settings: dict | None = None,
     ):
         self.namespace = namespace
         self.image = image
-        self.secret_name = secret_name
-        self.templates_dir = templates_dir
+        self.settings = settings  # the config's kubernetes section: placement, S3 secret, extra env
         self.api_client = api_client or load_api_client()
         self.jobs = client.CustomObjectsApi(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
@@ -257,7 +313,7 @@ class KubernetesBackend:
         self._crashes: dict[str, tuple[tuple, str]] = {}
 
     def render(self, job: PhaseJob) -> dict:
-        return render_pytorchjob(job, self.image, self.namespace, self.secret_name, self.templates_dir)
+        return render_pytorchjob(job, self.image, self.namespace, self.settings)
 
     def submit(self, job: PhaseJob) -> None:
         manifest = self.render(job)
@@ -378,8 +434,8 @@ def api_error(e: ApiException, doing: str, namespace: str) -> KubernetesError:
     hint = {
         403: "; the controller's ServiceAccount may not do this: apply k8s/10-rbac.yaml and run as vibechat-controller",
         404: f"; is the Kubeflow training operator installed, and does namespace {namespace!r} exist?",
-        400: "; the cluster rejected the manifest: fix its template in k8s/phases/",
-        422: "; the cluster rejected the manifest: fix its template in k8s/phases/",
+        400: "; the cluster rejected the manifest: fix the run's kubernetes settings or k8s/phases/pytorchjob.yaml",
+        422: "; the cluster rejected the manifest: fix the run's kubernetes settings or k8s/phases/pytorchjob.yaml",
     }.get(e.status, "")
     return KubernetesError(f"could not {doing} in namespace {namespace}: {e.status} {detail}{hint}")
 
