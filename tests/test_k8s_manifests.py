@@ -574,6 +574,156 @@ def test_in_cluster_seaweedfs_command_serves_the_bucket_only_with_the_secret_key
         proc.wait(timeout=15)
 
 
+# --- kubectl apply -k: the base and its overlays -------------------------------------------------------
+
+OVERLAYS = sorted(p.name for p in (ROOT / "k8s-overlays").iterdir())
+
+
+@functools.cache
+def kustomize(path: Path) -> tuple[dict, ...]:
+    """What `kubectl apply -k path` would send, built by kubectl's own kustomize."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is missing: install Debian's kubernetes-client (make test does), it ships `kubectl kustomize`")
+    built = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    return tuple(yaml.safe_load_all(built.stdout))
+
+
+def key(doc: dict) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def built(path: Path, kind: str, name: str) -> dict:
+    return next(d for d in kustomize(path) if key(d) == (kind, name))
+
+
+def test_the_kustomize_base_installs_what_apply_f_does_plus_the_phase_template():
+    applied = {key(d): d for d in all_core_objects() if d["kind"] != "Secret"}
+    kustomized = {key(d): d for d in kustomize(K8S)}
+    assert set(kustomized) == set(applied) | {("ConfigMap", "vibechat-phase-template")}
+    assert all(kustomized[k] == applied[k] for k in applied)
+    template = kustomized["ConfigMap", "vibechat-phase-template"]
+    assert template["data"] == {"pytorchjob.yaml": (K8S / "phases" / "pytorchjob.yaml").read_text()}
+
+
+def test_the_controller_reads_the_phase_template_from_the_configmap():
+    pod = find("Deployment", "vibechat-controller")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    path = next(e["value"] for e in container["env"] if e["name"] == "VIBECHAT_PHASE_TEMPLATE")
+    volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "vibechat-phase-template")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert path == f"{mount['mountPath']}/pytorchjob.yaml" and volume["configMap"]["optional"] is True
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_kustomized_object_validates_against_kubernetes_strict_schemas(overlay):
+    path = K8S if overlay == "base" else ROOT / "k8s-overlays" / overlay
+    for doc in kustomize(path):
+        for version in K8S_VERSIONS:
+            assert k8s_errors(doc, version) == [], (key(doc), version)
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_kustomized_run_config_renders_jobs_that_validate_strictly(crd_validator, overlay, tmp_path):
+    path = K8S if overlay == "base" else ROOT / "k8s-overlays" / overlay
+    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    controller_image = built(path, "Deployment", "vibechat-controller")["spec"]["template"]["spec"]["containers"][0]["image"]
+    for preset in preset_names():
+        config = load_config(preset, str(tmp_path / "cluster.yaml"))
+        assert config["kubernetes"]["image"] == controller_image
+        run = pl.new_run(RUN_ID, preset, config, "kubernetes", now=0.0)
+        for phase in pl.PHASES:
+            job = controller.phase_job(run, open_store(STORE), phase, attempt=1)
+            k8s = config["kubernetes"]
+            manifest = render_pytorchjob(job, k8s["image"], k8s["namespace"], k8s)
+            assert schema_errors(crd_validator, manifest) == [] and webhook_errors(manifest) == []
+            template = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "m"}, "template": template}
+            assert k8s_errors(pod_template, K8S_VERSIONS[-1]) == []
+
+
+def test_the_existing_s3_overlay_drops_seaweedfs_and_points_at_the_bucket():
+    docs = kustomize(ROOT / "k8s-overlays" / "existing-s3")
+    assert not [key(d) for d in docs if d["metadata"]["name"] == "vibechat-s3"]
+    data = built(ROOT / "k8s-overlays" / "existing-s3", "ConfigMap", "vibechat-config")["data"]
+    assert "AWS_ENDPOINT_URL" not in data and data["VIBECHAT_STORE"].startswith("s3://")
+
+
+def test_the_gpu_pool_overlay_queues_and_places_the_phase_pods(tmp_path):
+    path = ROOT / "k8s-overlays" / "gpu-pool"
+    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    k8s = load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+    job = render_pytorchjob(phase_job("base_train"), k8s["image"], k8s["namespace"], k8s)
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert pod_spec(job)["nodeSelector"] and len(pod_spec(job)["tolerations"]) == 2
+
+
+# --- hardening ------------------------------------------------------------------------------------------
+
+
+def pod_templates() -> dict[str, dict]:
+    """Every pod template this project makes: the core workloads and a phase job's master."""
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")}
+    pods["phase"] = render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    return pods
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard():
+    labels = find("Namespace", "vibechat")["metadata"]["labels"]
+    assert {labels[f"pod-security.kubernetes.io/{mode}"] for mode in ("enforce", "audit", "warn")} == {"restricted"}
+
+
+def test_every_container_has_a_read_only_root_and_writable_scratch_of_bounded_size():
+    for name, template in pod_templates().items():
+        pod = template["spec"]
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+            assert container["resources"]["requests"]["ephemeral-storage"] == container["resources"]["limits"]["ephemeral-storage"], name
+            writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert "/tmp" in writable, name
+        assert all(v["emptyDir"].get("sizeLimit") for v in pod["volumes"] if "emptyDir" in v), name
+
+
+def test_the_controller_keeps_a_replica_through_voluntary_disruptions():
+    budget = find("PodDisruptionBudget", "vibechat-controller")
+    labels = find("Deployment", "vibechat-controller")["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["minAvailable"] == 1 and budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In/Exists) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] == "Exists" and e["key"] not in labels:
+            return False
+        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def test_ingress_is_denied_unless_a_policy_opens_the_port():
+    policies = [d for d in all_core_objects() if d["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies)
+    for name, template in pod_templates().items():
+        ports = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        opened = {port["port"] for p in policies if selects(p["spec"]["podSelector"], template["metadata"]["labels"])
+                  for rule in p["spec"].get("ingress", []) for port in rule.get("ports", [])}
+        from_peers = any(selects(p["spec"]["podSelector"], template["metadata"]["labels"]) and
+                         any("ports" not in rule for rule in p["spec"].get("ingress", [])) for p in policies)
+        assert ports <= opened or from_peers, name
+
+
+def test_the_phase_pods_reach_each_other_on_any_port_and_only_vibechat_pods_reach_the_store():
+    policy = find("NetworkPolicy", "vibechat-phases")
+    phase_labels = render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    peers = [r for r in policy["spec"]["ingress"] if "ports" not in r]
+    assert peers and selects(peers[0]["from"][0]["podSelector"], phase_labels)
+    s3 = find("NetworkPolicy", "vibechat-s3")["spec"]["ingress"]
+    assert [r["from"] for r in s3 if {"port": 8333} in r["ports"]] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "vibechat"}}}]]
+
+
 # --- the image ----------------------------------------------------------------------------------------
 
 
