@@ -14,6 +14,7 @@ import torch
 from vibechat.checkpoint_manager import build_model, load_checkpoint
 from vibechat.common import VibechatError, autocast_dtype, autodetect_device_type
 from vibechat.engine import Engine
+from vibechat.layout import TOKENIZER_DIR, checkpoint_dir, join
 from vibechat.tokenizer import RustBPETokenizer
 
 
@@ -26,17 +27,17 @@ class ChatModel:
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the model…")
-def load_chat_model(run_url: str, source: str, model_tag: str, step: int) -> ChatModel:
-    """The model of <run>/checkpoints/<source>/<model_tag> at `step` and the run's tokenizer, on the GPU if any."""
+def load_chat_model(run_url: str, stage: str, model_tag: str, step: int) -> ChatModel:
+    """The model of <run>/checkpoints/<stage>/<model_tag> at `step` and the run's tokenizer, on the GPU if any."""
     device = torch.device(autodetect_device_type())
-    model_data, _, meta = load_checkpoint(f"{run_url}/checkpoints/{source}/{model_tag}", step, device)
+    model_data, _, meta = load_checkpoint(join(run_url, checkpoint_dir(stage, model_tag)), step, device)
     model = build_model(model_data, meta, device, "eval")
     model.to(dtype=autocast_dtype(device))  # bf16 on GPU: decoding reads every weight once per token
-    tokenizer = RustBPETokenizer.from_directory(f"{run_url}/tokenizer")
+    tokenizer = RustBPETokenizer.from_directory(join(run_url, TOKENIZER_DIR))
     if tokenizer.get_vocab_size() != model.config.vocab_size:
-        raise VibechatError(f"the run's tokenizer has {tokenizer.get_vocab_size()} tokens but the {source} model "
+        raise VibechatError(f"the run's tokenizer has {tokenizer.get_vocab_size()} tokens but the {stage} model "
                             f"expects {model.config.vocab_size}: checkpoint and tokenizer are from different runs")
-    return ChatModel(Engine(model, tokenizer), threading.Lock(), device, source != "base")
+    return ChatModel(Engine(model, tokenizer), threading.Lock(), device, stage != "base")
 
 
 def prompt_tokens(chat_model: ChatModel, conversation: list[int], text: str) -> list[int]:

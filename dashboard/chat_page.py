@@ -4,6 +4,7 @@ import streamlit as st
 
 from dashboard import chat, data
 from vibechat.common import VibechatError
+from vibechat.layout import run_dir
 
 MAX_TOKENS = 512  # the longest reply
 
@@ -14,23 +15,23 @@ if not found:
     st.info(f"Run {run_id} has no checkpoint yet: chat needs one from the base, mid, sft or rl phase.")
     st.stop()
 
-source_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
-source = source_column.selectbox("Checkpoint", list(found), index=len(found) - 1, help="the phase that wrote it",
-                                 key="chat_source")
-model_tag = tag_column.selectbox("Model", list(found[source]), key="chat_model_tag")
-step = step_column.selectbox("Step", found[source][model_tag], key="chat_step")
+stage_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
+stage = stage_column.selectbox("Checkpoint", list(found), index=len(found) - 1, help="the phase that wrote it",
+                               key="chat_source")
+model_tag = tag_column.selectbox("Model", list(found[stage]), key="chat_model_tag")
+step = step_column.selectbox("Step", found[stage][model_tag], key="chat_step")
 temperature = temperature_column.slider("Temperature", 0.0, 2.0, 0.6, 0.05, help="0 always picks the likeliest token")
 top_k = top_k_column.slider("Top-k", 1, 200, 50, help="sample among the k likeliest tokens")
 
 try:
-    chat_model = chat.load_chat_model(data.store(url).uri(f"runs/{run_id}"), source, model_tag, step)
+    chat_model = chat.load_chat_model(data.store(url).uri(run_dir(run_id)), stage, model_tag, step)
 except Exception as e:  # a broken checkpoint gets a message; the rest of the app goes on
     reason = e if isinstance(e, VibechatError) else f"{type(e).__name__}: {e}"
-    st.error(f"Cannot load checkpoint {source}/{model_tag} step {step} of run {run_id}: {reason}")
+    st.error(f"Cannot load checkpoint {stage}/{model_tag} step {step} of run {run_id}: {reason}")
     st.stop()
 
 # a conversation belongs to one checkpoint: picking another starts a new one
-checkpoint = (url, run_id, source, model_tag, step)
+checkpoint = (url, run_id, stage, model_tag, step)
 new_conversation = st.button("New conversation")
 if new_conversation or st.session_state.get("chat_checkpoint") != checkpoint:
     st.session_state.chat_checkpoint = checkpoint
@@ -39,7 +40,7 @@ if new_conversation or st.session_state.get("chat_checkpoint") != checkpoint:
 note = "" if chat_model.is_chat else " — a base model continues your text"
 if chat_model.engine.use_cuda_graph:
     note += " — the first reply waits while the decode step compiles (about a minute)"
-st.caption(f"{source} model {model_tag}, step {step}, on {chat_model.device}{note}")
+st.caption(f"{stage} model {model_tag}, step {step}, on {chat_model.device}{note}")
 
 for role, text in st.session_state.chat_messages:
     st.chat_message(role).markdown(text)

@@ -10,18 +10,18 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from jobs import pipeline as pl
-from jobs.controller import list_run_ids, read_run
-from vibechat.checkpoint_manager import PHASE_PROGRAMS
-from vibechat.common import VibechatError
+from jobs import pipeline
+from jobs.runstore import list_run_ids, read_run
+from vibechat.common import VibechatError, format_duration
+from vibechat.layout import (CHECKPOINTS_DIR, METRICS_DIR, REPORT_FILE, STAGES, checkpoint_meta, in_run, metrics_key,
+                             metrics_phase, run_dir)
 from vibechat.metrics import read_metrics
-from vibechat.report import STAGES, format_duration
 from vibechat.storage import Store, open_store
 
 REFRESH_SECONDS = 5  # how often pages of an active run reread the store
 MAX_POINTS = 2000  # most points drawn per line: a browser chart slows down well before 100k
-STATE_ICONS = {pl.SUCCEEDED: "✅", pl.FAILED: "❌", pl.RUNNING: "⏳", pl.PENDING: "⏸️", pl.SKIPPED: "⏭️",
-               pl.CANCELLED: "⛔"}
+STATE_ICONS = {pipeline.SUCCEEDED: "✅", pipeline.FAILED: "❌", pipeline.RUNNING: "⏳", pipeline.PENDING: "⏸️",
+               pipeline.SKIPPED: "⏭️", pipeline.CANCELLED: "⛔"}
 NOT_METRICS = {"step", "tokens", "time", "dt"}  # axes and bookkeeping, not charts (tokens/s tells what dt does)
 
 
@@ -31,7 +31,7 @@ def store(url: str) -> Store:
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
-def list_runs(url: str) -> tuple[list[pl.RunState], list[str]]:
+def list_runs(url: str) -> tuple[list[pipeline.RunState], list[str]]:
     """The store's runs, newest first, and one line for each run.json that cannot be read."""
     runs, problems = [], []
     for run_id in list_run_ids(store(url)):
@@ -42,24 +42,24 @@ def list_runs(url: str) -> tuple[list[pl.RunState], list[str]]:
     return sorted(runs, key=lambda r: r.created_at, reverse=True), problems
 
 
-def is_active(run: pl.RunState) -> bool:
-    return pl.run_status(run) == pl.RUNNING
+def is_active(run: pipeline.RunState) -> bool:
+    return pipeline.run_status(run) == pipeline.RUNNING
 
 
-def runs_table(runs: list[pl.RunState]) -> pd.DataFrame:
+def runs_table(runs: list[pipeline.RunState]) -> pd.DataFrame:
     rows = []
     for run in runs:
-        status = pl.run_status(run)
+        status = pipeline.run_status(run)
         rows.append({"run": run.run_id, "preset": run.preset, "backend": run.backend,
-                     "status": state_label(status), "current phase": pl.next_phase(run) or "-",
+                     "status": state_label(status), "current phase": pipeline.next_phase(run) or "-",
                      "created": local_time(run.created_at)})
     return pd.DataFrame(rows)
 
 
-def phase_table(run: pl.RunState, now: float) -> pd.DataFrame:
+def phase_table(run: pipeline.RunState, now: float) -> pd.DataFrame:
     """One row per phase: state, latest attempt, start and end (local time), duration (so far, while it runs), error."""
     rows = []
-    for name in pl.PHASES:
+    for name in pipeline.PHASES:
         p = run.phases[name]
         took = (p.ended_at or now) - p.started_at if p.started_at else None
         rows.append({"phase": name, "state": state_label(p.state), "attempt": p.attempt,
@@ -79,15 +79,16 @@ def local_time(t: float | None) -> pd.Timestamp:
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def load_metrics(url: str, run_id: str, phase: str) -> tuple[pd.DataFrame, int]:
     """metrics/<phase>.jsonl of a run as a frame, and how many corrupt lines were skipped."""
-    records, bad = read_metrics(store(url), f"runs/{run_id}/metrics/{phase}.jsonl")
+    records, bad = read_metrics(store(url), in_run(run_id, metrics_key(phase)))
     return pd.DataFrame.from_records(records), bad
 
 
 def metric_phases(url: str, run_id: str) -> list[str]:
     """The phases of a run with training metrics (evaluation files hold scores, not curves), in pipeline order."""
-    names = {m.group(1) for key in store(url).list(f"runs/{run_id}/metrics/")
-             if (m := re.fullmatch(r".*/metrics/([^/]+)\.jsonl", key)) and not m.group(1).endswith("_eval")}
-    return sorted(names, key=lambda n: (pl.PHASES.index(n) if n in pl.PHASES else len(pl.PHASES), n))
+    run = store(url).child(run_dir(run_id))
+    names = {name for key in run.list(METRICS_DIR + "/")
+             if (name := metrics_phase(key)) and not name.endswith("_eval")}
+    return sorted(names, key=lambda n: (pipeline.PHASES.index(n) if n in pipeline.PHASES else len(pipeline.PHASES), n))
 
 
 def metric_columns(frame: pd.DataFrame) -> list[str]:
@@ -130,22 +131,23 @@ def eval_scores(url: str, run_ids: list[str]) -> tuple[pd.DataFrame, int]:
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def read_report(url: str, run_id: str) -> str | None:
     try:
-        return store(url).get_text(f"runs/{run_id}/report/report.md")
+        return store(url).get_text(in_run(run_id, REPORT_FILE))
     except FileNotFoundError:
         return None
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)
 def checkpoints(url: str, run_id: str) -> dict[str, dict[str, list[int]]]:
-    """source -> model tag (deepest first) -> committed steps (newest first); a step counts once its meta is written."""
+    """stage -> model tag (deepest first) -> committed steps (newest first); a step counts once its meta is written."""
     found: dict[str, dict[str, list[int]]] = {}
-    for key in store(url).list(f"runs/{run_id}/checkpoints/"):
-        m = re.fullmatch(r".*/checkpoints/([^/]+)/([^/]+)/meta_(\d+)\.json", key)
-        if m:
-            found.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(int(m.group(3)))
-    order = list(PHASE_PROGRAMS)  # base, mid, sft, rl
-    return {source: {tag: sorted(found[source][tag], reverse=True) for tag in sorted(found[source], key=_tag_size)}
-            for source in sorted(found, key=lambda s: order.index(s) if s in order else len(order))}
+    run = store(url).child(run_dir(run_id))
+    for key in run.list(CHECKPOINTS_DIR + "/"):
+        if (meta := checkpoint_meta(key)) is not None:
+            stage, tag, step = meta
+            found.setdefault(stage, {}).setdefault(tag, []).append(step)
+    order = list(STAGES)
+    return {stage: {tag: sorted(found[stage][tag], reverse=True) for tag in sorted(found[stage], key=_tag_size)}
+            for stage in sorted(found, key=lambda s: order.index(s) if s in order else len(order))}
 
 
 def _tag_size(tag: str) -> tuple[int, str]:

@@ -5,6 +5,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import data
+from vibechat.layout import metrics_key
 
 url, run_id = st.session_state.store_url, st.session_state.run_id
 # the usual metrics first, in this order, with their titles; any other numeric field follows under its own name
@@ -24,7 +25,7 @@ def show_charts(run_ids: list[str]) -> None:
         frames = {r: data.load_metrics(url, r, phase) for r in run_ids}
         for r, (_, bad) in frames.items():
             if bad:
-                st.warning(f"Skipped {bad} corrupt line{'s' if bad > 1 else ''} in {r}'s metrics/{phase}.jsonl.")
+                st.warning(f"Skipped {bad} corrupt line{'s' if bad > 1 else ''} in {r}'s {metrics_key(phase)}.")
         has_tokens = any("tokens" in frame.columns for frame, _ in frames.values())
         x = right.segmented_control("Against", ["step", "tokens"] if has_tokens else ["step"], default="step",
                                     key="metrics_x") or "step"

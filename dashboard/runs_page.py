@@ -6,17 +6,17 @@ import altair as alt
 import streamlit as st
 
 from dashboard import data
-from jobs import pipeline as pl
+from jobs import pipeline
 
 url = st.session_state.store_url
-STATE_COLORS = {pl.SUCCEEDED: "#2ca02c", pl.FAILED: "#d62728", pl.RUNNING: "#1f77b4", pl.PENDING: "#bbbbbb",
-                pl.SKIPPED: "#dddddd", pl.CANCELLED: "#ff7f0e"}
+STATE_COLORS = {pipeline.SUCCEEDED: "#2ca02c", pipeline.FAILED: "#d62728", pipeline.RUNNING: "#1f77b4",
+                pipeline.PENDING: "#bbbbbb", pipeline.SKIPPED: "#dddddd", pipeline.CANCELLED: "#ff7f0e"}
 
 
-def show_timeline(run: pl.RunState, now: float) -> None:
-    for name in pl.PHASES:
+def show_timeline(run: pipeline.RunState, now: float) -> None:
+    for name in pipeline.PHASES:
         p = run.phases[name]
-        if p.state == pl.FAILED:
+        if p.state == pipeline.FAILED:
             st.error(f"**{name}** failed on attempt {p.attempt}: {p.error}")
         elif p.error:  # an attempt failed and the controller will try again
             st.warning(f"**{name}** attempt {p.attempt} failed, to be retried: {p.error}")
@@ -25,7 +25,7 @@ def show_timeline(run: pl.RunState, now: float) -> None:
     if len(started):
         colors = alt.Scale(domain=[data.state_label(s) for s in STATE_COLORS], range=list(STATE_COLORS.values()))
         chart = alt.Chart(started).mark_bar().encode(
-            x=alt.X("started:T", title=None), x2="ended:T", y=alt.Y("phase:N", sort=pl.PHASES, title=None),
+            x=alt.X("started:T", title=None), x2="ended:T", y=alt.Y("phase:N", sort=pipeline.PHASES, title=None),
             color=alt.Color("state:N", scale=colors, title=None), tooltip=["phase", "state", "attempt", "duration"])
         st.altair_chart(chart)
     st.dataframe(table, hide_index=True, column_config={
@@ -42,7 +42,7 @@ def show_runs(was_active: bool) -> None:
                  column_config={"created": st.column_config.DatetimeColumn(format="YYYY-MM-DD HH:mm:ss")})
     now = time.time()
     for run in runs:
-        with st.expander(f"{run.run_id} · {run.preset} · {data.state_label(pl.run_status(run))}",
+        with st.expander(f"{run.run_id} · {run.preset} · {data.state_label(pipeline.run_status(run))}",
                          expanded=run.run_id == st.session_state.run_id):
             show_timeline(run, now)
 

@@ -12,8 +12,8 @@ the mean centered accuracy for CORE, bits per byte for the splits), and to the r
 
 import argparse
 
-from jobs.phase import add_device_args, autocast_context, end_phase, load_eval_model
-from vibechat.common import VibechatError, compute_init, get_store_url, positive_int, print0, print_banner, run_main
+from jobs.phase import add_device_args, end_phase, load_eval_model, start_phase
+from vibechat.common import VibechatError, get_store_url, positive_int, print0, run_main
 from vibechat.core_eval import (EVAL_BUNDLE_URL, CoreTask, core_score, evaluate_core, load_eval_bundle,
                                 standin_core_tasks)
 from vibechat.engine import Engine
@@ -91,9 +91,7 @@ def main(argv=None) -> None:
     from vibechat.tokenizer import get_token_bytes
 
     args = parse_args(argv)
-    print_banner()
-    _, rank, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    rank, world_size, device, autocast_ctx = start_phase(args)
 
     tasks, core_name = core_tasks(args.core, args.eval_bundle_url)  # before the model: a missing bundle fails fast
     model, tokenizer, meta, model_tag = load_eval_model(args.source, args.model_tag, args.step, device)

@@ -13,23 +13,20 @@ import time
 
 import torch
 
-from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, checkpoint_root, compiled,
-                        end_phase, eval_bpb, eval_due, grad_accumulation, make_optimizers, progress_line,
-                        restore_training_state, resume, save_due, save_training_checkpoint, set_lr, step_optimizers)
-from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
+from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args, check_loss, checkpoint_root, compiled,
+                        end_phase, eval_bpb, eval_due, progress_line, restore_training_state, resume, save_due,
+                        save_training_checkpoint, start_phase)
+from jobs.training import (grad_accumulation, lr_multiplier, make_optimizers, peak_flops, set_schedules,
+                           train_step)
+from vibechat.common import VibechatError, positive_int, print0, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger
-
-H100_BF16_PEAK_FLOPS = 989e12
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth (default 20)")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length in tokens")
     p.add_argument("--device-batch-size", type=positive_int, default=32, help="sequences per forward pass per rank")
-    p.add_argument("--total-batch-size", type=int, default=524288,
-                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-iterations", type=int, default=-1,
                    help="optimizer steps; -1 derives them from --target-param-data-ratio (Chinchilla)")
     p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
@@ -37,58 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR decay at the end")
     p.add_argument("--final-lr-frac", type=float, default=0.0, help="LR at the end as a fraction of the peak")
     p.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb evaluations")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    add_token_rows_args(p)
     add_training_args(p, save_every=1000)
     return p.parse_args(argv)
-
-
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float,
-                  final_lr_frac: float) -> float:
-    """Linear warm-up, constant, then linear warm-down to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step: int) -> float:
-    """Muon momentum ramps 0.85 -> 0.95 over the first 300 steps."""
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def set_schedules(optimizers, step: int, lr_mult: float) -> None:
-    adamw, muon = optimizers
-    set_lr(optimizers, lr_mult)
-    for group in muon.param_groups:
-        group["momentum"] = muon_momentum(step)
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """Dense bf16 peak of the card, for MFU; None where unknown (CPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return H100_BF16_PEAK_FLOPS if ("H100" in name or "H200" in name) else None
-
-
-def train_step(model, optimizers, batches, grad_accum_steps: int, autocast_ctx) -> torch.Tensor:
-    """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a tensor, no host sync)."""
-    total = None
-    for _ in range(grad_accum_steps):
-        x, y = next(batches)
-        with autocast_ctx():
-            loss = model(x, y)
-        total = loss.detach() if total is None else total + loss.detach()
-        (loss / grad_accum_steps).backward()
-    step_optimizers(optimizers)
-    return total / grad_accum_steps
 
 
 def main(argv=None) -> None:
@@ -98,9 +47,7 @@ def main(argv=None) -> None:
     from vibechat.tokenizer import get_token_bytes, get_tokenizer
 
     args = parse_args(argv)
-    print_banner()
-    _, _, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    _, world_size, device, autocast_ctx = start_phase(args)
 
     tokenizer = get_tokenizer()
     token_bytes = get_token_bytes(device=device)
@@ -141,7 +88,7 @@ def main(argv=None) -> None:
     train_model = compiled(model, args.compile, device)
     train_batches = ResumableBatches(prefetched(tokenizing_distributed_data_loader_with_state(
         B, T, "train", device=device, resume_state=loader_state)), loader_state)
-    metrics = MetricsLogger("base")
+    metrics = MetricsLogger("base", resume_step=start_step)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
     peak = peak_flops(device)
     smooth_loss = meta.get("smooth_loss", 0.0)

@@ -15,8 +15,7 @@ import time
 
 import torch
 
-from jobs.base_train import peak_flops, train_step
-from jobs.phase import grad_accumulation, step_optimizers
+from jobs.training import grad_accumulation, peak_flops, step_optimizers, train_step
 from vibechat.common import autocast_dtype, compute_init, nonnegative_int, output_file, positive_int, run_main, synchronize
 from vibechat.gpt import GPT, config_for_depth
 

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from jobs.phase import add_device_args, autocast_context, end_phase, load_eval_model
+from jobs.phase import add_device_args, end_phase, load_eval_model, start_phase
 from tasks.common import Task
 from tasks.registry import TASKS, get_task, task_parameters
-from vibechat.common import VibechatError, compute_init, print0, print_banner, run_main
+from vibechat.common import VibechatError, print0, run_main
 from vibechat.core_eval import centered_accuracy
 from vibechat.engine import Engine
 from vibechat.metrics import MetricsLogger
@@ -163,9 +163,7 @@ def main(argv=None) -> None:
     from vibechat.report import get_report
 
     args = parse_args(argv)
-    print_banner()
-    _, rank, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    rank, world_size, device, autocast_ctx = start_phase(args)
     tasks = load_tasks(args.tasks)  # before the model: a bad name or a missing dataset fails fast
     model, tokenizer, meta, model_tag = load_eval_model(args.source, args.model_tag, args.step, device)
     engine = Engine(model, tokenizer)

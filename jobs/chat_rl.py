@@ -22,12 +22,11 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from jobs.chat_sft import collate, global_sum
-from jobs.phase import (add_training_args, autocast_context, check_loss, end_phase, eval_due, load_phase_model,
-                        make_optimizers, progress_line, restore_training_state, save_due, save_training_checkpoint,
-                        set_lr, step_optimizers)
+from jobs.phase import (add_training_args, check_loss, end_phase, eval_due, load_phase_model, progress_line,
+                        restore_training_state, save_due, save_training_checkpoint, start_phase)
+from jobs.training import collate, global_sum, make_optimizers, set_lr, step_optimizers
 from tasks.registry import get_task
-from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main
+from vibechat.common import VibechatError, positive_int, print0, run_main
 from vibechat.engine import Engine
 from vibechat.metrics import MetricsLogger
 
@@ -132,9 +131,7 @@ def main(argv=None) -> None:
     from vibechat.report import get_report
 
     args = parse_args(argv)
-    print_banner()
-    _, rank, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    rank, world_size, device, autocast_ctx = start_phase(args)
 
     train_task, eval_task = get_task(args.task, split="train"), get_task(args.task, split="test")
     if train_task.eval_type != "generative":
@@ -156,7 +153,7 @@ def main(argv=None) -> None:
 
     optimizers = make_optimizers(model, args, args.init_lr_frac)
     restore_training_state(optimizers, start.optim_data)  # no data position: a step's questions follow from its number
-    metrics = MetricsLogger("rl")
+    metrics = MetricsLogger("rl", resume_step=start_step)
     passes = start.meta.get("pass_at_k")
     train_seconds = start.meta.get("train_seconds", 0.0)
 

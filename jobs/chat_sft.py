@@ -21,11 +21,11 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from jobs.mid_train import add_tasks_arg, task_mixture
-from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, end_phase, eval_due,
-                        load_phase_model, make_optimizers, progress_line, restore_training_state, save_due,
-                        save_training_checkpoint, set_lr, step_optimizers)
-from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main
+from jobs.phase import (ResumableBatches, add_training_args, check_loss, end_phase, eval_due, load_phase_model,
+                        progress_line, restore_training_state, save_due, save_training_checkpoint, start_phase)
+from jobs.training import (add_tasks_arg, collate, global_sum, make_optimizers, set_lr, step_optimizers,
+                           task_mixture)
+from vibechat.common import VibechatError, positive_int, print0, run_main
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_SFT_TASKS = "multiple-choice-standin,arithmetic-standin,conversations-standin,identity," \
@@ -50,20 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def collate(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inputs, targets) of rendered (ids, mask) rows padded to the longest; a target is the next token where the
-    mask marks it as the assistant's, -1 (ignored) elsewhere and on padding."""
-    length = max(len(ids) for ids, _ in rows) - 1
-    inputs = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), length), -1, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        inputs[i, :n] = torch.tensor(ids[:-1])
-        next_ids, trained = torch.tensor(ids[1:]), torch.tensor(mask[1:], dtype=torch.bool)
-        targets[i, :n] = torch.where(trained, next_ids, -1)
-    return inputs, targets
-
-
 def sft_batches(dataset, tokenizer, B: int, max_len: int, rank: int, world_size: int, state: dict | None = None,
                 device="cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, dict]]:
     """(inputs, targets, state) of B conversations; rank r takes conversations r, r + W, ..., round and round.
@@ -84,14 +70,6 @@ def sft_batches(dataset, tokenizer, B: int, max_len: int, rank: int, world_size:
 def sft_loss(model, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the per-token losses over the supervised targets, number of supervised targets)."""
     return model(inputs, targets, loss_reduction="none").sum(), (targets >= 0).sum()
-
-
-def global_sum(value: torch.Tensor) -> torch.Tensor:
-    """The sum of a tensor over all ranks (itself outside torch.distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-    return value
 
 
 def sft_backward(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -117,9 +95,7 @@ def main(argv=None) -> None:
     from vibechat.report import get_report
 
     args = parse_args(argv)
-    print_banner()
-    _, rank, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    rank, world_size, device, autocast_ctx = start_phase(args)
 
     train_set = task_mixture(args.tasks, "train")
     val_set = task_mixture(args.tasks, "test")
@@ -143,7 +119,7 @@ def main(argv=None) -> None:
     loader_state = restore_training_state(optimizers, start.optim_data)
     train_batches = ResumableBatches(sft_batches(train_set, tokenizer, B, max_len, rank, world_size, loader_state,
                                                  device), loader_state)
-    metrics = MetricsLogger("sft")
+    metrics = MetricsLogger("sft", resume_step=start_step)
     val_loss = start.meta.get("val_loss")
     train_seconds = start.meta.get("train_seconds", 0.0)
 

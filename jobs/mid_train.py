@@ -19,13 +19,12 @@ from collections.abc import Iterator
 
 import torch
 
-from jobs.base_train import lr_multiplier, set_schedules, train_step
-from jobs.phase import (ResumableBatches, add_training_args, autocast_context, check_loss, compiled, end_phase,
-                        eval_bpb, eval_due, grad_accumulation, load_phase_model, make_optimizers, progress_line,
-                        restore_training_state, save_due, save_training_checkpoint)
-from tasks.common import TaskMixture
-from tasks.registry import TASKS, get_task, task_parameters
-from vibechat.common import VibechatError, compute_init, positive_int, print0, print_banner, run_main, synchronize
+from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args, check_loss, compiled, end_phase,
+                        eval_bpb, eval_due, load_phase_model, progress_line, restore_training_state, save_due,
+                        save_training_checkpoint, start_phase)
+from jobs.training import (add_tasks_arg, grad_accumulation, lr_multiplier, make_optimizers, set_schedules,
+                           task_mixture, train_step)
+from vibechat.common import positive_int, print0, run_main, synchronize
 from vibechat.metrics import MetricsLogger
 
 OFFLINE_MID_TASKS = "conversations-standin,multiple-choice-standin,arithmetic-standin,identity,identity," \
@@ -39,46 +38,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="row length in tokens (default: the model's context)")
     p.add_argument("--device-batch-size", type=positive_int, default=32, help="rows per forward pass per rank")
-    p.add_argument("--total-batch-size", type=int, default=524288,
-                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-iterations", type=int, default=-1,
                    help="optimizer steps; -1: one pass over the mixture (estimated from a sample of it)")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR decay to zero")
     p.add_argument("--eval-every", type=int, default=150, help="steps between validation bpb evaluations")
-    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
-    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+    add_token_rows_args(p)
     add_training_args(p, save_every=500, init_lr_frac=1.0)
     return p.parse_args(argv)
-
-
-def add_tasks_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--tasks", default=default,
-                   help="comma-separated task names, name:N for the first N examples (default: offline stand-ins)")
-
-
-def task_mixture(spec: str, split: str) -> TaskMixture | None:
-    """The tasks of a spec such as "smoltalk,gsm8k:2000,identity" shuffled together, built for `split`.
-
-    For split "test", tasks with no test split (identity, mmlu-auxiliary-train) are left out; None if none is left.
-    """
-    tasks = []
-    for item in spec.split(","):
-        name, _, count = item.strip().partition(":")
-        if count and not (count.isdigit() and int(count) > 0):
-            raise VibechatError(f"task {item!r}: the count after ':' must be a positive number of examples")
-        cls, fixed = TASKS.get(name, (None, {}))
-        takes_split = cls is not None and "split" in task_parameters(cls) and "split" not in fixed
-        if split != "train" and cls is not None and not takes_split:
-            continue
-        kwargs = {"split": split} if takes_split else {}
-        if count:
-            kwargs["stop"] = int(count)
-        tasks.append(get_task(name, **kwargs))  # an unknown name is an error that lists the known ones
-    if not tasks:
-        if split == "train":
-            raise VibechatError(f"--tasks {spec!r} names no task: give comma-separated task names")
-        return None
-    return TaskMixture(tasks)
 
 
 def conversation_batches(dataset, tokenizer, B: int, T: int, rank: int, world_size: int, state: dict | None = None,
@@ -114,9 +80,7 @@ def main(argv=None) -> None:
     from vibechat.tokenizer import get_token_bytes
 
     args = parse_args(argv)
-    print_banner()
-    _, rank, _, world_size, device = compute_init(args.device)
-    autocast_ctx = autocast_context(device, args.dtype)
+    rank, world_size, device, autocast_ctx = start_phase(args)
 
     train_set = task_mixture(args.tasks, "train")
     val_set = task_mixture(args.tasks, "test")
@@ -139,7 +103,7 @@ def main(argv=None) -> None:
     train_model = compiled(model, args.compile, device)
     train_batches = ResumableBatches(conversation_batches(train_set, tokenizer, B, T, rank, world_size, loader_state,
                                                           device), loader_state)
-    metrics = MetricsLogger("mid")
+    metrics = MetricsLogger("mid", resume_step=start_step)
     eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
     smooth_loss = start.meta.get("smooth_loss", 0.0)
     val_bpb = start.meta.get("val_bpb")

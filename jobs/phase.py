@@ -4,6 +4,7 @@ the training state saved beside the model, when to evaluate and save, and the pr
 import argparse
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -11,13 +12,15 @@ import torch.distributed as dist
 
 from vibechat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
                                          load_optimizer_state, save_checkpoint)
-from vibechat.common import VibechatError, autocast_dtype, compute_cleanup, get_base_dir, print0
+from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0,
+                             print_banner)
 from vibechat.gpt import GPT
+from vibechat.layout import checkpoint_dir, join
 from vibechat.loss_eval import evaluate_bpb
 from vibechat.tokenizer import RustBPETokenizer, get_tokenizer
 
 # how a metric shows in a progress line, in the record's order; other metrics are only logged.
-# The local backend reads `step N/M` and `loss X` from these lines.
+# The controller's console (jobs/console.py) folds the `step N/M`, `loss X` and `tok/s Y` of these lines into one.
 LINE_FORMATS = {
     "loss": lambda v: f"loss {v:.4f}",
     "val_bpb": lambda v: f"val bpb {v:.4f}",
@@ -52,6 +55,23 @@ def add_training_args(p: argparse.ArgumentParser, save_every: int, init_lr_frac:
     add_device_args(p)
 
 
+def add_token_rows_args(p: argparse.ArgumentParser) -> None:
+    """The options of the phases that train on rows packed with tokens (base, mid): the tokens of an optimizer
+    step, the validation tokens, torch.compile."""
+    p.add_argument("--total-batch-size", type=int, default=524288,
+                   help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
+    p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")
+
+
+def start_phase(args: argparse.Namespace) -> tuple[int, int, torch.device, Callable]:
+    """How every phase program begins: the banner, the device and process group for --device, the autocast of
+    --dtype. Returns (rank, world size, device, autocast context)."""
+    print_banner()
+    _, rank, _, world_size, device = compute_init(args.device)
+    return rank, world_size, device, autocast_context(device, args.dtype)
+
+
 def autocast_context(device: torch.device, dtype: str):
     """A callable that opens a fresh autocast context for --dtype; float32 leaves autocast off."""
     dtype = autocast_dtype(device) if dtype == "auto" else getattr(torch, dtype)
@@ -65,14 +85,14 @@ def compiled(model: GPT, choice: str, device: torch.device):
     return model
 
 
-def checkpoint_root(phase: str) -> str:
-    """Where a phase's checkpoints live, one folder per model tag."""
-    return f"{get_base_dir().rstrip('/')}/checkpoints/{phase}"
+def checkpoint_root(stage: str) -> str:
+    """Where a stage's checkpoints live, one folder per model tag."""
+    return join(get_base_dir(), checkpoint_dir(stage))
 
 
-def largest_model_tag(phase: str) -> str | None:
+def largest_model_tag(stage: str) -> str | None:
     try:
-        return find_largest_model(checkpoint_root(phase))
+        return find_largest_model(checkpoint_root(stage))
     except FileNotFoundError:
         return None
 
@@ -96,7 +116,7 @@ def resume(checkpoint_dir: str, device: torch.device, world_size: int) -> tuple[
 
 @dataclass
 class PhaseStart:
-    """Where a post-training phase starts: its own newest checkpoint (resuming), else the source phase's newest."""
+    """Where a post-training phase starts: its own newest checkpoint (resuming), else the source stage's newest."""
 
     model: GPT
     tokenizer: RustBPETokenizer
@@ -108,12 +128,12 @@ class PhaseStart:
     meta: dict  # the phase's own checkpoint's when resuming, else empty
 
 
-def load_phase_model(phase: str, source: str, model_tag: str | None, device: torch.device,
+def load_phase_model(stage: str, source: str, model_tag: str | None, device: torch.device,
                      world_size: int) -> PhaseStart:
     """The model a post-training phase trains; without a checkpoint to start from, load_model's error names the
-    program to run first. The model tag defaults to the phase's largest model, else the source's."""
-    model_tag = model_tag or largest_model_tag(phase) or largest_model_tag(source)
-    checkpoint_dir = f"{checkpoint_root(phase)}/{model_tag}"
+    program to run first. The model tag defaults to the stage's largest model, else the source's."""
+    model_tag = model_tag or largest_model_tag(stage) or largest_model_tag(source)
+    checkpoint_dir = join(checkpoint_root(stage), model_tag)
     resumed = resume(checkpoint_dir, device, world_size) if model_tag else None
     if resumed:
         model, optim_data, meta = resumed
@@ -130,37 +150,6 @@ def load_eval_model(source: str, model_tag: str | None, step: int | None, device
     model_tag = model_tag or largest_model_tag(source)
     model, tokenizer, meta = load_model(source, device, "eval", model_tag, step)
     return model, tokenizer, meta, model_tag
-
-
-def grad_accumulation(total_batch_size: int, tokens_per_fwdbwd: int) -> int:
-    """Micro-batches per optimizer step: --total-batch-size over the tokens of one forward pass on all ranks."""
-    if total_batch_size % tokens_per_fwdbwd:
-        raise VibechatError(f"--total-batch-size {total_batch_size} is not a multiple of device batch x seq len x "
-                            f"ranks = {tokens_per_fwdbwd}: change one of them")
-    return total_batch_size // tokens_per_fwdbwd
-
-
-def make_optimizers(model: GPT, args: argparse.Namespace, init_lr_frac: float = 1.0) -> list:
-    """The model's optimizers at the LRs of add_training_args' options, each scaled by init_lr_frac."""
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"] = group["lr"] * init_lr_frac
-    return optimizers
-
-
-def set_lr(optimizers: list, lr_mult: float) -> None:
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lr_mult
-
-
-def step_optimizers(optimizers: list) -> None:
-    for opt in optimizers:
-        opt.step()
-    for opt in optimizers:
-        opt.zero_grad(set_to_none=True)
 
 
 def training_state(optimizers: list, loader_state) -> dict:

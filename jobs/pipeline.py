@@ -6,16 +6,18 @@ mark_running / mark_succeeded / mark_failed, and stores to_dict(run) as runs/<ru
 
 Every phase that makes something is followed by the phase that measures it: the tokenizer
 (jobs.tok_train) by tokenizer_eval (jobs.tok_eval, compression beside GPT-2's and GPT-4's), and
-base, mid, sft and rl by their evaluations. The report phase gathers what they wrote.
+base, mid, sft and rl by their evaluations. The optional export phase (jobs.export) writes the last
+stage's model in the transformers format; the report phase gathers what they wrote.
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from vibechat.common import VibechatError
 
 PHASES = ["data", "tokenizer", "tokenizer_eval", "base", "base_eval", "mid", "mid_eval", "sft", "sft_eval",
-          "rl", "rl_eval", "report"]
+          "rl", "rl_eval", "export", "report"]
+ADDED_PHASES = ["export"]  # a run.json written before these phases existed has none: they are skipped in it
 
 # phase -> (program, flags the phase always passes); a config may name another module, and its
 # args are merged over these flags
@@ -31,6 +33,7 @@ PHASE_PROGRAMS: dict[str, tuple[str, dict]] = {
     "sft_eval": ("jobs.chat_eval", {"source": "sft"}),
     "rl": ("jobs.chat_rl", {}),
     "rl_eval": ("jobs.chat_eval", {"source": "rl"}),
+    "export": ("jobs.export", {}),  # the last stage's model as a transformers folder, runs/<id>/export/hf/
     "report": ("jobs.report", {}),
 }
 
@@ -296,6 +299,8 @@ def from_dict(d: dict, where: str = "run.json") -> RunState:
     """Parse and validate a run.json object; any defect raises RunFileError naming the field."""
     try:
         _check_fields(d, _RUN_FIELDS, where)
+        if isinstance(d["phases"], dict):
+            d = {**d, "phases": {**{name: asdict(PhaseState(SKIPPED)) for name in ADDED_PHASES}, **d["phases"]}}
         _check_fields(d["phases"], {name: dict for name in PHASES}, f"{where}: phases")
         phases = {}
         for name in PHASES:

@@ -8,6 +8,7 @@ Prints the report's location.
 import argparse
 
 from vibechat.common import VibechatError, get_base_dir, run_main
+from vibechat.layout import REPORT_DIR, join
 from vibechat.report import DEFAULT_GPU_HOUR_COST, Report
 
 
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.gpu_hour_cost >= 0:
         raise VibechatError(f"--gpu-hour-cost {args.gpu_hour_cost} is not a price: give dollars per GPU-hour, >= 0")
-    print(Report(get_base_dir().rstrip("/") + "/report").generate(gpu_hour_cost=args.gpu_hour_cost), flush=True)
+    print(Report(join(get_base_dir(), REPORT_DIR)).generate(gpu_hour_cost=args.gpu_hour_cost), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ The content of a message is a string, or for the assistant a list of parts
 {"type": "text" | "python" | "python_output", "text": ...} when it uses the calculator tool.
 """
 
-import bisect
 import random
 
 from vibechat.common import VibechatError
@@ -80,28 +79,6 @@ class TaskMixture(Task):
     def get_example(self, index: int) -> dict:
         t, i = self.index_map[index]
         return self.tasks[t][i]
-
-
-class TaskSequence(Task):
-    """The examples of several tasks one after the other, in order (a curriculum)."""
-
-    def __init__(self, tasks: list[Task], **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = tasks
-        self.offsets = [0]  # offsets[t] is the index of task t's first example
-        for task in tasks:
-            self.offsets.append(self.offsets[-1] + len(task))
-
-    @property
-    def name(self) -> str:
-        return "Sequence(" + ", ".join(task.name for task in self.tasks) + ")"
-
-    def num_examples(self) -> int:
-        return self.offsets[-1]
-
-    def get_example(self, index: int) -> dict:
-        t = bisect.bisect_right(self.offsets, index) - 1
-        return self.tasks[t][index - self.offsets[t]]
 
 
 def check_choice(what: str, value: str, allowed) -> None:

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 
 from vibechat.common import VibechatError, get_store_url
 from vibechat.download import download_to_store
+from vibechat.layout import task_file_key
 from vibechat.storage import open_store
 
 
@@ -28,7 +29,7 @@ def load_parquet(name: str, repo: str, paths: list[str], columns: list[str], sta
     store = open_store(get_store_url())
     tables = []
     for path in paths:
-        key = f"data/tasks/{name}/{path}"
+        key = task_file_key(name, path)
         if not store.exists(key):
             hint = f"copy the file to {store.uri(key)}, or use the offline stand-in task {standin!r}"
             download_to_store(hf_url(repo, path), store, key, f"{repo} {path}", hint)

@@ -12,9 +12,9 @@ from dataclasses import asdict
 
 import torch
 
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.config import load_config
-from jobs.controller import write_run
+from jobs.runstore import write_run
 from vibechat.checkpoint_manager import save_checkpoint
 from vibechat.gpt import GPT, GPTConfig
 from vibechat.metrics import MetricsLogger
@@ -99,17 +99,17 @@ def write_metrics(base: str, seed: int) -> None:
 def write_run_json(store, run_id: str, seed: int) -> None:
     """The run as the controller records it: every phase up to rl done, rl failed on both its attempts."""
     now = time.time() - 600 * seed
-    run = pl.new_run(run_id, "tiny", load_config("tiny"), "local", now - 1800)
+    run = pipeline.new_run(run_id, "tiny", load_config("tiny"), "local", now - 1800)
     clock = now - 1790
-    for phase in pl.PHASES[:pl.PHASES.index(FAILED_PHASE)]:
-        pl.mark_running(run, phase, 1, f"vibechat-{run_id}-{phase}-1", clock)
+    for phase in pipeline.PHASES[:pipeline.PHASES.index(FAILED_PHASE)]:
+        pipeline.mark_running(run, phase, 1, f"vibechat-{run_id}-{phase}-1", clock)
         clock += 60 if phase in ("base", "mid", "sft") else 15
-        pl.mark_succeeded(run, phase, clock)
+        pipeline.mark_succeeded(run, phase, clock)
     for attempt in (1, 2):
         clock = max(clock, run.phases[FAILED_PHASE].ended_at or clock) + 10
-        pl.mark_running(run, FAILED_PHASE, attempt, f"vibechat-{run_id}-{FAILED_PHASE}-{attempt}", clock)
+        pipeline.mark_running(run, FAILED_PHASE, attempt, f"vibechat-{run_id}-{FAILED_PHASE}-{attempt}", clock)
         clock += 40
-        pl.mark_failed(run, FAILED_PHASE, RL_ERROR, clock)
+        pipeline.mark_failed(run, FAILED_PHASE, RL_ERROR, clock)
     write_run(store, run, None)
 
 

@@ -3,35 +3,16 @@
 import json
 
 import pytest
-import torch
 
 from jobs.base_eval import parse_args
 from tests.conftest import free_port
-from tests.phase_fixtures import make_store, run_phase
-from tests.test_core_eval import CORE_YAML, MC_DATA, META_CSV
-from vibechat.checkpoint_manager import save_checkpoint
+from tests.core_fixtures import CORE_YAML, MC_DATA, META_CSV
+from tests.phase_fixtures import make_store, records, run_phase, save_tiny_model
 from vibechat.common import VibechatError
-from vibechat.gpt import GPT, config_for_depth
 from vibechat.report import stage_scores
 from vibechat.storage import open_store
 
 FAST = ["--max-per-task=4", "--bpb-tokens=128", "--device-batch-size=2", "--samples=2"]
-
-
-def save_tiny_model(root: str, phase: str, seq_len: int = 64) -> None:
-    """A depth-1 GPT with a random lm_head (a fresh one gives every token the same logit), as <phase>/d1 step 3."""
-    torch.manual_seed(0)
-    model = GPT(config_for_depth(1, 300, seq_len))  # make_store's tokenizer has 300 tokens
-    model.init_weights()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5)
-    save_checkpoint(f"{root}/runs/r1/checkpoints/{phase}/d1", 3, model.state_dict(), None,
-                    {"step": 3, "model_config": model.config.__dict__})
-
-
-def records(root: str, stage: str) -> list[dict]:
-    lines = open(f"{root}/runs/r1/metrics/{stage}_eval.jsonl").read().splitlines()
-    return [json.loads(line) for line in lines]
 
 
 @pytest.fixture

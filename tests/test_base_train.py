@@ -59,6 +59,20 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-6)
 
 
+def test_a_phase_resumed_from_an_earlier_checkpoint_records_each_step_once(tmp_path):
+    env = make_store(str(tmp_path))
+    assert run_phase("jobs.base_train", ARGS, env).returncode == 0
+    # as if killed after logging step 6 but before committing steps 4 and 6: the resumed attempt replays 3..6
+    for step in (4, 6):
+        (tmp_path / f"runs/r1/checkpoints/base/d1/meta_{step:06d}.json").unlink()
+    resumed = run_phase("jobs.base_train", ARGS, env)
+    assert "resuming from step 2" in resumed.stdout, resumed.stderr
+    records = [json.loads(line) for line in open(f"{tmp_path}/runs/r1/metrics/base.jsonl")]
+    train_steps = [r["step"] for r in records if "raw_loss" in r]
+    eval_steps = [r["step"] for r in records if "val_bpb" in r]
+    assert train_steps == [1, 2, 3, 4, 5, 6] and eval_steps == [0, 3, 6]
+
+
 def test_unknown_depth_is_one_line_and_exit_code_2(tmp_path):
     result = run_phase("jobs.base_train", ["--depth=0", *ARGS[1:]], make_store(str(tmp_path)))
     assert result.returncode == 2

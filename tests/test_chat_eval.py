@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from jobs.chat_eval import TaskResult, chatcore, choose_letters, load_tasks, parse_args
-from tests.phase_fixtures import REPO, make_store, phase_env, run_phase
-from tests.test_base_eval import records, save_tiny_model
+from tests.phase_fixtures import REPO, make_store, phase_env, records, run_phase, save_tiny_model
 from vibechat.common import VibechatError
 from vibechat.report import stage_scores
 from vibechat.storage import open_store

@@ -8,8 +8,8 @@ import torch
 from jobs.chat_rl import advantages, main, rl_backward, rl_loss, rollout_batch
 from tasks.common import Task
 from tasks.registry import TASKS
-from tests.test_chat_sft import random_model
-from tests.test_mid_train import assert_resume_continues_exactly, make_run
+from tests.model_fixtures import random_model
+from tests.phase_fixtures import assert_resume_continues_exactly, make_run
 from vibechat.common import VibechatError
 from vibechat.metrics import read_metrics
 from vibechat.storage import open_store

@@ -4,19 +4,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from jobs.chat_sft import collate, main, sft_backward
+from jobs.chat_sft import main, sft_backward
 from tests.conftest import free_port
-from tests.test_gpt import tiny_model
-from tests.test_mid_train import assert_resume_continues_exactly, make_run
+from tests.model_fixtures import random_model
+from tests.phase_fixtures import assert_resume_continues_exactly, make_run
 from vibechat.common import VibechatError
-
-
-def test_collate_pads_and_keeps_targets_only_where_the_assistant_writes():
-    rows = [([1, 2, 3, 4, 5], [0, 0, 1, 1, 0]), ([6, 7, 8], [0, 1, 1])]
-    inputs, targets = collate(rows, pad_id=9)
-    assert inputs.tolist() == [[1, 2, 3, 4], [6, 7, 9, 9]]
-    # target i is token i+1, kept where mask[i+1] is 1
-    assert targets.tolist() == [[-1, 3, 4, -1], [7, 8, -1, -1]]
 
 
 def step_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,15 +19,6 @@ def step_batch() -> tuple[torch.Tensor, torch.Tensor]:
     for row, kept in enumerate([12, 1, 6, 3]):
         targets[row, kept:] = -1
     return inputs, targets
-
-
-def random_model():
-    """A tiny model with every weight random (a fresh one has a zero lm_head: the same loss for every token)."""
-    model = tiny_model(seed=0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.5)
-    return model
 
 
 def loss_and_grads(micro_batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from tests.test_gpt import tiny_model
+from tests.model_fixtures import tiny_model
 from vibechat.checkpoint_manager import build_model, find_largest_model, find_last_step, load_checkpoint, save_checkpoint
 from vibechat.common import VibechatError
 from vibechat.storage import open_store
@@ -82,6 +82,36 @@ def test_corrupt_meta_file_error_names_the_file(tmp_path):
     _save(str(tmp_path), 1, model, optimizers)
     (tmp_path / "meta_000001.json").write_text("{not json")
     with pytest.raises(VibechatError, match="meta_000001.json is corrupt"):
+        load_checkpoint(str(tmp_path), 1, "cpu")
+
+
+@pytest.mark.parametrize("name", ["model_000001.pt", "optim_000001_rank0.pt"])
+def test_a_flipped_byte_in_a_committed_checkpoint_is_an_error_naming_the_file(checkpoint_dir, name):
+    model, optimizers = _trained()
+    _save(checkpoint_dir, 1, model, optimizers)
+    store = open_store(checkpoint_dir)
+    data = bytearray(store.get_bytes(name))
+    data[len(data) // 2] ^= 0xFF  # inside the tensor data: torch.load alone would not notice
+    store.put_bytes(name, bytes(data))
+    with pytest.raises(VibechatError, match=f"{name} is truncated or corrupt: its SHA-256 differs from the one recorded in meta_000001.json"):
+        load_checkpoint(checkpoint_dir, 1, "cpu", load_optimizer=True)
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\xff\xfe{}", "is corrupt"),
+    (b"{}", "has step None"),
+    (b"[1, 2]", "holds a JSON list"),
+    (b'{"step": 1}', "has model_config None"),
+    (b'{"step": 1, "model_config": {"n_layer": "2"}}', "has model_config"),
+    (b'{"step": 1, "model_config": {"n_layer": 0}}', "has model_config"),
+    (b'{"step": "1", "model_config": {}}', "has step '1'"),
+    (b'{"step": 1, "model_config": {}, "files": [1]}', "has files"),
+])
+def test_a_meta_file_of_any_broken_shape_is_one_error_naming_it(tmp_path, content, problem):
+    model, optimizers = _trained()
+    _save(str(tmp_path), 1, model, optimizers)
+    (tmp_path / "meta_000001.json").write_bytes(content)
+    with pytest.raises(VibechatError, match=f"meta_000001.json {problem}"):
         load_checkpoint(str(tmp_path), 1, "cpu")
 
 

@@ -52,14 +52,14 @@ def test_the_gpu_presets_pretrain_on_fineweb_with_8_gpus_per_training_phase(pres
     assert config["dataset"] == "fineweb-edu"
     for name in ("base", "base_eval", "mid", "mid_eval", "sft", "sft_eval", "rl", "rl_eval"):
         assert config["phases"][name]["gpus_per_node"] == config["phases"][name]["nproc_per_node"] == 8
-    for name in ("data", "tokenizer", "tokenizer_eval", "report"):
+    for name in ("data", "tokenizer", "tokenizer_eval", "export", "report"):
         assert config["phases"][name]["gpus_per_node"] == 0
 
 
 def test_the_d12_preset_runs_every_gpu_phase_on_one_gpu():
     config = load_config("d12")
     for name, phase in config["phases"].items():
-        on_gpu = name not in ("data", "tokenizer", "tokenizer_eval", "report")
+        on_gpu = name not in ("data", "tokenizer", "tokenizer_eval", "export", "report")
         assert (phase["gpus_per_node"], phase["nproc_per_node"]) == ((1 if on_gpu else 0), 1)
 
 

@@ -18,12 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs import controller as ctl
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.backends import PhaseJob
 from jobs.backends.local import LocalBackend, command
 from jobs.config import load_config
+from jobs.controller import main as controller_main
+from jobs.console import Console
 from jobs.pipeline import PHASES
+from jobs.runstore import check_run_id, create_run, list_run_ids, new_run_id
 from vibechat.common import run_main
 from vibechat.storage import open_store
 
@@ -38,7 +40,7 @@ def fake_config(tmp_path, phases=("base", "report"), args=None, max_attempts=2) 
     args = args or {}
     config = {
         "retries": {"max_attempts": max_attempts, "backoff_s": 0.2, "backoff_max_s": 1},
-        "phases": {name: {"module": FAKE, "args": {"phase": name, "steps": 3, **args.get(name, {})}}
+        "phases": {name: {"module": FAKE, "skip": False, "args": {"phase": name, "steps": 3, **args.get(name, {})}}
                    if name in phases else {"skip": True} for name in PHASES},
     }
     path = tmp_path / "fake.yaml"
@@ -64,7 +66,7 @@ def run_controller_here(argv, capsys) -> tuple[int, str, str]:
     """The controller's main in this process, as `python -m jobs.controller` runs it: (exit code, stdout, stderr)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        run_main(lambda: ctl.main(argv))
+        run_main(lambda: controller_main(argv))
     out, err = capsys.readouterr()
     return exit_info.value.code, out, err
 
@@ -77,8 +79,8 @@ def wait_for(condition, what: str, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
-def run_json(store_url, run_id) -> pl.RunState:
-    return pl.from_dict(json.loads(open_store(store_url).get_text(f"runs/{run_id}/run.json")))
+def run_json(store_url, run_id) -> pipeline.RunState:
+    return pipeline.from_dict(json.loads(open_store(store_url).get_text(f"runs/{run_id}/run.json")))
 
 
 def trail(store_url, run_id, phase, name) -> list[str]:
@@ -120,42 +122,82 @@ def no_stray_jobs(store_url):
 
 # --- a whole run --------------------------------------------------------------------------------
 
-def test_a_run_goes_through_every_phase_and_status_shows_each_succeeded(store_url, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """(store, the start command's outcome) of one run through every phase with the stand-in program."""
+    tmp_path = tmp_path_factory.mktemp("full")
+    store_url = str(tmp_path / "store")
     r = controller("start", "--preset", "ci", "--config", fake_config(tmp_path, phases=PHASES), "--run-id", "full",
                    store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "backend local: the store is a local folder" in r.stdout
-    assert "base | step 3/3 (100%) | loss 1.0000 | tok/s 3000" in r.stdout
-    assert f"{store_url}/runs/full/report/report.md" in r.stdout
-    assert f"VIBECHAT_STORE={store_url} streamlit run dashboard/app.py" in r.stdout
+    return store_url, r
 
+
+def test_a_run_goes_through_every_phase_and_status_shows_each_succeeded(full_run, capsys):
+    store_url, _ = full_run
     code, status, _ = run_controller_here(["status", "full", "--store", store_url], capsys)
     assert code == 0 and status.startswith("run full: succeeded")
     for phase in PHASES:
         assert re.search(rf"^{phase}\s+succeeded\s+1\s", status, re.M), status
         assert len(trail(store_url, "full", phase, "completions")) == 1
 
+
+def test_start_says_why_it_chose_its_backend(full_run):
+    assert "backend local: the store is a local folder" in full_run[1].stdout
+
+
+def test_start_shows_a_phase_progress_line(full_run):
+    assert "base | step 3/3 (100%) | loss 1.0000 | tok/s 3000" in full_run[1].stdout
+
+
+def test_a_finished_run_says_where_its_report_is_and_how_to_open_the_dashboard(full_run):
+    store_url, r = full_run
+    assert f"{store_url}/runs/full/report/report.md" in r.stdout
+    assert f"VIBECHAT_STORE={store_url} streamlit run dashboard/app.py" in r.stdout
+
+
+def test_a_phase_gets_the_store_the_run_the_dataset_and_unbuffered_output(full_run):
+    store_url, _ = full_run
     env = json.loads(open_store(store_url).get_text("runs/full/fake/base/env.json"))
     assert env["VIBECHAT_STORE"] == store_url and env["VIBECHAT_RUN"] == "full"
     assert env["VIBECHAT_DATASET"] == "pydocs" and env["PYTHONUNBUFFERED"] == "1"
     assert int(env["OMP_NUM_THREADS"]) >= 1
 
 
-def test_resume_from_a_phase_redoes_it_and_what_follows_only(store_url, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def resumed_run(tmp_path_factory) -> tuple[str, subprocess.CompletedProcess]:
+    """(store, the resume command's outcome) of a run that succeeded, then was resumed from its report phase."""
+    tmp_path = tmp_path_factory.mktemp("again")
+    store_url = str(tmp_path / "store")
     assert controller("start", "--preset", "ci", "--config", fake_config(tmp_path), "--run-id", "again",
                       store=store_url).returncode == 0
     r = controller("resume", "again", "--from", "report", store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "note: checkpoints of report are kept" in r.stdout
+    return store_url, r
+
+
+def test_resume_from_a_phase_redoes_it_and_what_follows_only(resumed_run):
+    store_url, _ = resumed_run
     run = run_json(store_url, "again")
     assert run.phases["base"].attempt == 1 and run.phases["report"].attempt == 2
     assert len(trail(store_url, "again", "base", "starts")) == 1
     assert len(trail(store_url, "again", "report", "starts")) == 2
 
+
+def test_resume_from_a_phase_says_its_checkpoints_are_kept(resumed_run):
+    assert "note: checkpoints of report are kept" in resumed_run[1].stdout
+
+
+def test_logs_shows_an_earlier_attempt_of_a_phase(resumed_run, capsys):
+    store_url, _ = resumed_run
     code, logs, _ = run_controller_here(["logs", "again", "report", "--attempt", "1", "--store", store_url], capsys)
     assert code == 0 and "step 3/3 | loss 1.0000" in logs
+
+
+def test_list_shows_each_run_with_its_preset_and_status(resumed_run, capsys):
+    store_url, _ = resumed_run
     code, listing, _ = run_controller_here(["list", "--store", store_url], capsys)
-    assert re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
+    assert code == 0 and re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
 
 
 def test_a_failing_phase_is_retried_then_fails_the_run_and_resume_goes_on(store_url, tmp_path):
@@ -196,7 +238,7 @@ def test_after_the_controller_is_killed_mid_phase_one_of_two_resumes_adopts_the_
     assert "base: following vibechat-kill-base-1, already running" in (tmp_path / f"resume{1 - loser}.out").read_text()
 
     run = run_json(store_url, "kill")
-    assert pl.run_status(run) == "succeeded" and run.phases["base"].attempt == 1
+    assert pipeline.run_status(run) == "succeeded" and run.phases["base"].attempt == 1
     assert len(trail(store_url, "kill", "base", "starts")) == 1  # adopted, not started again
     for phase in ("base", "report"):
         assert len(trail(store_url, "kill", phase, "completions")) == 1
@@ -233,7 +275,7 @@ def test_stop_cancels_a_detached_run_and_its_job_and_resume_continues_it(store_u
     r = controller("stop", "st", store=store_url)
     assert r.returncode == 0 and "stopping vibechat-st-base-1" in r.stdout
     run = run_json(store_url, "st")
-    assert pl.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
+    assert pipeline.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
     assert not group_alive(job_pid(store_url, "st", "base", 1))
     wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
 
@@ -258,11 +300,11 @@ def test_deleting_a_run_folder_mid_run_stops_its_job_and_the_controller_with_one
 
 def test_serve_drives_a_run_that_no_controller_holds(store_url, tmp_path):
     store = open_store(store_url)
-    ctl.create_run(store, "ci", load_config("ci", fake_config(tmp_path, phases=("base",))), "local", "srv", owner=None)
+    create_run(store, "ci", load_config("ci", fake_config(tmp_path, phases=("base",))), "local", "srv", owner=None)
     serve = controller_bg("serve", "--backend", "local", "--interval", "0.2", store=store_url,
                           out=tmp_path / "serve.out")
     try:
-        wait_for(lambda: pl.run_status(run_json(store_url, "srv")) == "succeeded", "serve to finish the run")
+        wait_for(lambda: pipeline.run_status(run_json(store_url, "srv")) == "succeeded", "serve to finish the run")
     finally:
         serve.terminate()
         serve.wait()
@@ -275,7 +317,7 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
                    store=s3_url)
     assert r.returncode == 0, r.stdout + r.stderr
     store = open_store(s3_url)
-    assert pl.run_status(pl.from_dict(json.loads(store.get_text("runs/s3/run.json")))) == "succeeded"
+    assert pipeline.run_status(pipeline.from_dict(json.loads(store.get_text("runs/s3/run.json")))) == "succeeded"
     assert "step 3/3" in store.get_text("runs/s3/logs/base-1.log")
     assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
 
@@ -286,7 +328,7 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
 def existing_run(store_url, tmp_path):
     """A run named `r` that nothing drives yet; returns its run.json bytes."""
     store = open_store(store_url)
-    ctl.create_run(store, "ci", load_config("ci", fake_config(tmp_path)), "local", "r", owner=None)
+    create_run(store, "ci", load_config("ci", fake_config(tmp_path)), "local", "r", owner=None)
     return store.get_bytes("runs/r/run.json")
 
 
@@ -319,7 +361,7 @@ def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, exis
     assert err.startswith("error: ") and err.count("\n") == 1, err
     assert message in err
     assert open_store(store_url).get_bytes("runs/r/run.json") == existing_run
-    assert ctl.list_run_ids(open_store(store_url)) == ["r"]
+    assert list_run_ids(open_store(store_url)) == ["r"]
 
 
 def test_a_run_whose_folder_was_deleted_is_a_clear_error(store_url, existing_run, capsys):
@@ -338,13 +380,13 @@ def test_a_corrupt_run_file_is_a_clear_error_and_left_as_it_is(store_url, existi
 
 
 def test_default_run_ids_are_readable_and_usable_in_job_names():
-    run_id = ctl.new_run_id(time.mktime((2025, 6, 12, 14, 30, 5, 0, 0, -1)))
+    run_id = new_run_id(time.mktime((2025, 6, 12, 14, 30, 5, 0, 0, -1)))
     assert run_id == "run-250612-143005"
-    ctl.check_run_id(run_id)
+    check_run_id(run_id)
 
 
 def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_through(capsys):
-    console, job = ctl.Console(), PhaseJob("r", "base", 1, "jobs.base_train")
+    console, job = Console(), PhaseJob("r", "base", 1, "jobs.base_train")
     console.output(job, "model d4\nstep 0/100 | val bpb 3.2100\n", 0.0)
     console.output(job, "step 10/100 | loss 4.5000 | lr 1.0 | tok/s 1,200\n", 0.0)
     console.output(job, "step 20/100 | loss 4.0000 | tok/s 1,300\n", 60.0)
@@ -360,7 +402,7 @@ def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_th
 
 def fake_job(store_url, run_id, **args) -> PhaseJob:
     env = {"VIBECHAT_STORE": store_url, "VIBECHAT_RUN": run_id}
-    argv = pl.phase_argv("base", {"phase": "base", **args})
+    argv = pipeline.phase_argv("base", {"phase": "base", **args})
     return PhaseJob(run_id, "base", 1, FAKE, argv, env)
 
 

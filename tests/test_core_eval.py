@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.conftest import free_port
+from tests.core_fixtures import CORE_YAML, MC_DATA, META_CSV
 from vibechat.common import VibechatError
 from vibechat.core_eval import (
     CoreTask, core_score, evaluate_core, evaluate_example, evaluate_task, fewshot_examples, load_eval_bundle,
@@ -52,13 +53,6 @@ class BigramModel(torch.nn.Module):
 
 
 MC_META = {"task_type": "multiple_choice", "num_fewshot": 0, "continuation_delimiter": " "}
-# "aaa" is what the model expects after a space, so it picks "aaa": right on three items of four
-MC_DATA = [
-    {"query": "Q1", "choices": ["aaa", "bbb"], "gold": 0},
-    {"query": "Q2", "choices": ["bbb", "aaa"], "gold": 1},
-    {"query": "Q3", "choices": ["bbb", "aaa", "bab"], "gold": 1},
-    {"query": "Q4", "choices": ["aaa", "bbb"], "gold": 1},
-]
 MC_FOLLOWS = {" ": "a", "a": "a"}
 
 
@@ -145,25 +139,6 @@ def test_ranks_split_the_examples_and_agree_on_the_accuracy(tmp_path):
 
 
 # --- the eval bundle --------------------------------------------------------------------------
-
-
-CORE_YAML = """\
-icl_tasks:
-- label: tiny_mc
-  dataset_uri: world_knowledge/tiny_mc.jsonl
-  num_fewshot: [2]
-  icl_task_type: multiple_choice
-  continuation_delimiter: ' '
-- label: tiny_lm
-  dataset_uri: language_modeling/tiny_lm.jsonl
-  num_fewshot: [0]
-  icl_task_type: language_modeling
-"""
-META_CSV = """\
-Eval Task,Task Category,Task Type,#shots,Random baseline,Centered Metric?
-tiny_mc,world knowledge,multiple choice,2,50,
-tiny_lm,language understanding,language modeling,0,0,
-"""
 
 
 def bundle_zip(with_core_yaml: bool = True) -> bytes:

@@ -12,7 +12,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from dashboard import chat, data
-from jobs import pipeline as pl
+from jobs import pipeline
 from tests.conftest import free_port
 from tests.dashboard_fixture import RL_ERROR, fill_store
 from vibechat.checkpoint_manager import build_model, load_checkpoint
@@ -89,7 +89,7 @@ def test_runs_page_lists_the_run_with_its_preset_and_state(filled, monkeypatch):
 def test_runs_page_shows_the_timeline_of_every_phase(filled, monkeypatch):
     at = open_app(filled, monkeypatch)
     timeline = at.dataframe[1].value
-    assert timeline["phase"].tolist() == pl.PHASES
+    assert timeline["phase"].tolist() == pipeline.PHASES
     states = dict(zip(timeline["phase"], timeline["state"]))
     assert states["sft"] == "✅ succeeded" and states["rl"] == "❌ failed" and states["report"] == "⏸️ pending"
     rl = timeline.set_index("phase").loc["rl"]
@@ -103,8 +103,9 @@ def test_runs_page_shows_the_error_of_the_failed_phase(filled, monkeypatch):
 
 
 def test_a_running_phase_shows_its_duration_so_far():
-    run = pl.new_run("live", "tiny", {"phases": {name: {"skip": False} for name in pl.PHASES}}, "local", 1000.0)
-    pl.mark_running(run, "data", 1, "vibechat-live-data-1", 1000.0)
+    config = {"phases": {name: {"skip": False} for name in pipeline.PHASES}}
+    run = pipeline.new_run("live", "tiny", config, "local", 1000.0)
+    pipeline.mark_running(run, "data", 1, "vibechat-live-data-1", 1000.0)
     assert data.is_active(run)
     row = data.phase_table(run, now=1090.0).iloc[0]
     assert (row["state"], row["duration"]) == ("⏳ running", "1m30s") and pd.isna(row["ended"])

@@ -15,9 +15,9 @@ import urllib.request
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.config import load_config
-from jobs.controller import read_run, write_run
+from jobs.runstore import read_run, write_run
 from tests.conftest import free_port
 from tests.dashboard_fixture import RL_ERROR, fill_store
 from vibechat.storage import open_store
@@ -38,8 +38,8 @@ def store(tmp_path_factory) -> str:
     fill_store(store, "tiny-demo")
     fill_store(store, "tiny-b", seed=1)
     now = time.time()
-    run = pl.new_run("tiny-live", "tiny", load_config("tiny"), "local", now - 7200)
-    pl.mark_running(run, "data", 1, "vibechat-tiny-live-data-1", now - 60)
+    run = pipeline.new_run("tiny-live", "tiny", load_config("tiny"), "local", now - 7200)
+    pipeline.mark_running(run, "data", 1, "vibechat-tiny-live-data-1", now - 60)
     write_run(open_store(store), run, None)
     return store
 
@@ -129,8 +129,8 @@ def test_runs_page_follows_an_active_run_without_a_reload(page, dashboard_url, s
     expect(runs_table).not_to_contain_text("tokenizer")
     # the controller moves the run on: data succeeded, the tokenizer phase started
     run, version = read_run(open_store(store), "tiny-live")
-    pl.mark_succeeded(run, "data", time.time())
-    pl.mark_running(run, "tokenizer", 1, "vibechat-tiny-live-tokenizer-1", time.time())
+    pipeline.mark_succeeded(run, "data", time.time())
+    pipeline.mark_running(run, "tokenizer", 1, "vibechat-tiny-live-tokenizer-1", time.time())
     write_run(open_store(store), run, version)
     expect(runs_table).to_contain_text("tokenizer")  # its current phase, redrawn by the page's refresh
 

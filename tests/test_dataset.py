@@ -23,10 +23,10 @@ from vibechat.dataset import (
     open_shard,
     parquets_iter_batched,
     pydocs_documents,
-    shard_key,
     split_shards,
     write_shard,
 )
+from vibechat.layout import shard_key
 from vibechat.storage import open_store
 
 

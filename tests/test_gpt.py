@@ -4,16 +4,8 @@ import pytest
 import torch
 
 from vibechat.common import VibechatError
-from vibechat.gpt import GPT, GPTConfig, config_for_depth
-
-
-def tiny_model(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    config = GPTConfig(**{**dict(sequence_len=32, vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32),
-                          **overrides})
-    model = GPT(config)
-    model.init_weights()
-    return model
+from tests.model_fixtures import tiny_model
+from vibechat.gpt import config_for_depth
 
 
 def test_forward_without_targets_returns_logits_per_position():

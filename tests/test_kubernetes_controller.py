@@ -17,7 +17,9 @@ import pytest
 import yaml
 from kubernetes import client
 
-from jobs import controller, health
+from jobs import controller, health, runstore
+from jobs.console import Console
+from jobs.driver import Driver, phase_job
 from jobs import pipeline as pl
 from jobs.backends import PhaseJob
 from jobs.backends.kubernetes import KEEP_FINISHED_SECONDS, KubernetesBackend, LeaseLock
@@ -69,12 +71,12 @@ def store(s3_url):
 def new_run(store, run_id: str = "r1") -> pl.RunState:
     config = load_config("tiny")
     config["retries"] = {**config["retries"], "backoff_s": 0}  # a retry may start at once
-    return controller.create_run(store, "tiny", config, "kubernetes", run_id, owner=None)
+    return runstore.create_run(store, "tiny", config, "kubernetes", run_id, owner=None)
 
 
-def driver(store, cluster, owner: str, run_id: str = "r1") -> controller.Driver:
+def driver(store, cluster, owner: str, run_id: str = "r1") -> Driver:
     backend = KubernetesBackend(NS, IMAGE, api_client=api_client(cluster))
-    return controller.Driver(store, run_id, backend, owner, controller.Console(), follow=False)
+    return Driver(store, run_id, backend, owner, Console(), follow=False)
 
 
 async def call(fn, *args, **kwargs):
@@ -92,14 +94,14 @@ def operator_says(cluster, name: str, condition: str) -> None:
 
 
 def phase_of(store, name: str, run_id: str = "r1") -> pl.PhaseState:
-    return controller.read_run(store, run_id)[0].phases[name]
+    return runstore.read_run(store, run_id)[0].phases[name]
 
 
-async def start_first_phase(store, cluster, d: controller.Driver) -> tuple[str, str]:
+async def start_first_phase(store, cluster, d: Driver) -> tuple[str, str]:
     """Submit the run's first phase and let the driver see its job running: (phase, job name)."""
     await call(d.step)
     (name,) = created(cluster)
-    phase = next(p for p, s in controller.read_run(store, "r1")[0].phases.items() if s.state == pl.RUNNING)
+    phase = next(p for p, s in runstore.read_run(store, "r1")[0].phases.items() if s.state == pl.RUNNING)
     operator_says(cluster, name, "Running")
     await call(d.step)
     assert phase_of(store, phase).job_seen
@@ -139,9 +141,9 @@ async def test_a_job_deleted_before_its_end_was_seen_is_a_failed_attempt_never_r
 async def test_a_job_recorded_but_never_created_is_created(store, cluster):
     run = new_run(store)
     phase = pl.next_action(run, time.time()).phase
-    job = controller.phase_job(run, store, phase, attempt=1)
+    job = phase_job(run, store, phase, attempt=1)
     pl.mark_running(run, phase, 1, job.name, time.time())  # a controller that stopped right after this write
-    controller.write_run(store, run, controller.read_run(store, "r1")[1])
+    runstore.write_run(store, run, runstore.read_run(store, "r1")[1])
     await call(driver(store, cluster, "ctl-b").step)
     assert created(cluster) == [job.name]
 
@@ -149,9 +151,9 @@ async def test_a_job_recorded_but_never_created_is_created(store, cluster):
 async def test_a_controller_killed_while_its_job_runs_is_replaced_by_one_that_adopts_the_job(store, cluster):
     new_run(store)
     phase, name = await start_first_phase(store, cluster, driver(store, cluster, "ctl-a"))
-    run, version = controller.read_run(store, "r1")
+    run, version = runstore.read_run(store, "r1")
     run.lease.expires_at = 0  # ctl-a died: its lease on the run ran out
-    controller.write_run(store, run, version)
+    runstore.write_run(store, run, version)
     adopted = health.ADOPTED._value.get()
     d = driver(store, cluster, "ctl-b")
     await call(d.step)
@@ -267,7 +269,7 @@ async def test_the_role_grants_exactly_what_the_controller_calls(store, cluster)
     await call(d.backend.idle)
     operator_says(cluster, name, "Succeeded")
     await call(d.step)
-    await call(d.backend.stop, d.watching or controller.phase_job(controller.read_run(store, "r1")[0], store, phase, 1))
+    await call(d.backend.stop, d.watching or phase_job(runstore.read_run(store, "r1")[0], store, phase, 1))
     lock = LeaseLock("vibechat-controller", NS, "ctl-a", api_client=api_client(cluster))
     for act in (lock.try_acquire, lock.try_acquire, lock.release):
         await call(act)

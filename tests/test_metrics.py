@@ -19,6 +19,24 @@ def test_a_logged_line_is_readable_as_soon_as_log_returns(url):
     assert [(r["step"], r["loss"], r["phase"]) for r in records] == [(1, 2.5, "base")] and bad == 0
 
 
+def test_a_resumed_logger_drops_the_records_past_its_checkpoint_in_every_segment(url, monkeypatch):
+    monkeypatch.setattr(metrics, "SEGMENT_BYTES", 300)
+    logger = MetricsLogger("base", base_dir=url)
+    for step in range(8):
+        logger.log(step=step, loss=1.0)
+    logger.log(gpu_temperature=60)  # no step: kept
+    MetricsLogger("base", base_dir=url, resume_step=3).log(step=4, loss=0.5)
+    records, _ = read_metrics(open_store(url), "metrics/base.jsonl")
+    assert [r.get("step") for r in records] == [0, 1, 2, 3, None, 4]
+
+
+def test_a_logger_starting_afresh_drops_every_stepped_record(url):
+    MetricsLogger("base", base_dir=url).log(step=0, val_bpb=2.0)
+    MetricsLogger("base", base_dir=url, resume_step=0).log(step=0, val_bpb=1.5)
+    records, _ = read_metrics(open_store(url), "metrics/base.jsonl")
+    assert [r["val_bpb"] for r in records] == [1.5]
+
+
 def test_a_long_run_rolls_over_into_bounded_segments_read_back_in_order(url, monkeypatch):
     monkeypatch.setattr(metrics, "SEGMENT_BYTES", 300)
     logger = MetricsLogger("base", base_dir=url)

@@ -5,7 +5,7 @@ import os
 import torch
 import torch.multiprocessing as mp
 
-from tests.test_gpt import tiny_model
+from tests.model_fixtures import tiny_model
 from vibechat.muon import zeropower_via_newtonschulz5
 
 

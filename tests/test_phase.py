@@ -7,7 +7,7 @@ import jobs.chat_rl
 import jobs.chat_sft
 import jobs.mid_train
 from jobs.phase import eval_due, progress_line, resume, save_due
-from tests.test_mid_train import make_run
+from tests.phase_fixtures import make_run
 from vibechat.checkpoint_manager import save_checkpoint
 from vibechat.common import VibechatError
 from vibechat.gpt import GPT, config_for_depth

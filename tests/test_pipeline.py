@@ -1,5 +1,6 @@
 """The phase graph and run state machine (jobs.pipeline): examples, then properties over random histories."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from jobs import pipeline as pl
+from jobs import pipeline
 from jobs.pipeline import PHASES, Action
 from vibechat.common import VibechatError
 
@@ -20,41 +21,54 @@ def config(skip=(), max_attempts=3, backoff_s=10.0, backoff_max_s=100.0) -> dict
     }
 
 
-def run_of(**kwargs) -> pl.RunState:
-    return pl.new_run("r1", "tiny", config(**kwargs), "local", now=0.0)
+def run_of(**kwargs) -> pipeline.RunState:
+    return pipeline.new_run("r1", "tiny", config(**kwargs), "local", now=0.0)
 
 
 def submit(run, now=0.0) -> Action:
-    action = pl.next_action(run, now)
+    action = pipeline.next_action(run, now)
     assert action.kind == "submit", action
-    pl.mark_running(run, action.phase, action.attempt, f"job-{action.phase}-{action.attempt}", now)
+    pipeline.mark_running(run, action.phase, action.attempt, f"job-{action.phase}-{action.attempt}", now)
     return action
 
 
 def finish_phase(run, now=0.0) -> str:
     action = submit(run, now)
-    pl.mark_succeeded(run, action.phase, now)
+    pipeline.mark_succeeded(run, action.phase, now)
     return action.phase
 
 
 # --- the graph --------------------------------------------------------------------------------
 
-def test_every_phase_has_a_program_and_evals_follow_their_training_phase():
-    assert set(pl.PHASE_PROGRAMS) == set(PHASES)
+def test_every_phase_a_run_starts_has_a_program_that_exists():
+    run = run_of()
+    started = [finish_phase(run) for _ in PHASES]
+    assert [name for name in started if importlib.util.find_spec(pipeline.PHASE_PROGRAMS[name][0])] == PHASES
+
+
+def test_a_run_starts_with_data_and_ends_with_the_report():
+    run = run_of()
+    started = [finish_phase(run) for _ in PHASES]
+    assert started[0] == "data" and started[-1] == "report"
+
+
+def test_a_run_evaluates_each_training_phase_right_after_it():
+    run = run_of()
+    started = [finish_phase(run) for _ in PHASES]
     for train in ("tokenizer", "base", "mid", "sft", "rl"):
-        assert PHASES[PHASES.index(train) + 1] == f"{train}_eval"
-    assert PHASES[0] == "data" and PHASES[-1] == "report"
+        assert started[started.index(train) + 1] == f"{train}_eval"
 
 
 def test_phase_argv_turns_args_into_dashed_flags():
-    argv = pl.phase_argv("base", {"num_iterations": 20, "model_tag": "d4", "compile": True, "dry_run": False,
+    argv = pipeline.phase_argv("base", {"num_iterations": 20, "model_tag": "d4", "compile": True, "dry_run": False,
                                   "seed": None, "tasks": ["arc", "gsm8k"]})
     assert argv == ["--num-iterations=20", "--model-tag=d4", "--compile", "--tasks=arc,gsm8k"]
 
 
 def test_chat_eval_phases_name_their_source_and_config_args_win():
-    assert pl.phase_argv("sft_eval", {}) == ["--source=sft"]
-    assert pl.phase_argv("mid_eval", {"source": "base", "max_problems": 8}) == ["--source=base", "--max-problems=8"]
+    assert pipeline.phase_argv("sft_eval", {}) == ["--source=sft"]
+    argv = pipeline.phase_argv("mid_eval", {"source": "base", "max_problems": 8})
+    assert argv == ["--source=base", "--max-problems=8"]
 
 
 # --- running forward --------------------------------------------------------------------------
@@ -63,46 +77,46 @@ def test_new_run_is_pending_except_skipped_phases():
     run = run_of(skip=("rl", "rl_eval"))
     not_pending = {n: p.state for n, p in run.phases.items() if p.state != "pending"}
     assert not_pending == {"rl": "skipped", "rl_eval": "skipped"}
-    assert pl.run_status(run) == "pending"
+    assert pipeline.run_status(run) == "pending"
 
 
 def test_first_action_submits_attempt_one_of_the_first_phase():
-    assert pl.next_action(run_of(), now=0.0) == Action("submit", "data", 1)
+    assert pipeline.next_action(run_of(), now=0.0) == Action("submit", "data", 1)
 
 
 def test_phases_run_one_after_another_until_done():
     run = run_of(skip=("mid", "mid_eval"))
     order = []
-    while pl.next_action(run, 0.0).kind != "done":
+    while pipeline.next_action(run, 0.0).kind != "done":
         order.append(finish_phase(run))
     assert order == [p for p in PHASES if p not in ("mid", "mid_eval")]
-    assert pl.run_status(run) == "succeeded"
+    assert pipeline.run_status(run) == "succeeded"
 
 
 def test_a_running_phase_is_watched_not_resubmitted():
     run = run_of()
     submit(run)
-    assert pl.next_action(run, 5.0) == Action("watch", "data", 1)
-    assert pl.run_status(run) == "running"
+    assert pipeline.next_action(run, 5.0) == Action("watch", "data", 1)
+    assert pipeline.run_status(run) == "running"
 
 
 def test_mark_running_refuses_anything_but_the_next_action():
     run = run_of()
-    with pytest.raises(pl.InvalidTransition):
-        pl.mark_running(run, "base", 1, "j", 0.0)  # predecessors not done
-    with pytest.raises(pl.InvalidTransition):
-        pl.mark_running(run, "data", 2, "j", 0.0)  # skips attempt 1
+    with pytest.raises(pipeline.InvalidTransition):
+        pipeline.mark_running(run, "base", 1, "j", 0.0)  # predecessors not done
+    with pytest.raises(pipeline.InvalidTransition):
+        pipeline.mark_running(run, "data", 2, "j", 0.0)  # skips attempt 1
     submit(run)
-    with pytest.raises(pl.InvalidTransition):
-        pl.mark_running(run, "data", 1, "j", 0.0)  # already running
+    with pytest.raises(pipeline.InvalidTransition):
+        pipeline.mark_running(run, "data", 1, "j", 0.0)  # already running
 
 
 def test_only_a_running_phase_can_succeed_or_fail():
     run = run_of()
-    with pytest.raises(pl.InvalidTransition):
-        pl.mark_succeeded(run, "data", 0.0)
-    with pytest.raises(pl.InvalidTransition):
-        pl.mark_failed(run, "data", "boom", 0.0)
+    with pytest.raises(pipeline.InvalidTransition):
+        pipeline.mark_succeeded(run, "data", 0.0)
+    with pytest.raises(pipeline.InvalidTransition):
+        pipeline.mark_failed(run, "data", "boom", 0.0)
 
 
 # --- retries ------------------------------------------------------------------------------------
@@ -110,103 +124,103 @@ def test_only_a_running_phase_can_succeed_or_fail():
 def test_failed_attempts_retry_with_doubling_backoff_then_fail_the_run():
     run = run_of(max_attempts=3, backoff_s=10)
     submit(run, now=0)
-    pl.mark_failed(run, "data", "exit code 1", now=100)
-    assert pl.next_action(run, 105) == Action("wait", "data", 2, until=110)
+    pipeline.mark_failed(run, "data", "exit code 1", now=100)
+    assert pipeline.next_action(run, 105) == Action("wait", "data", 2, until=110)
     submit(run, now=110)
-    pl.mark_failed(run, "data", "exit code 1", now=200)
-    assert pl.next_action(run, 210) == Action("wait", "data", 3, until=220)
+    pipeline.mark_failed(run, "data", "exit code 1", now=200)
+    assert pipeline.next_action(run, 210) == Action("wait", "data", 3, until=220)
     submit(run, now=220)
-    pl.mark_failed(run, "data", "exit code 1", now=300)
-    assert pl.next_action(run, 10_000) == Action("failed", "data", 3)
-    assert pl.run_status(run) == "failed" and run.phases["data"].error == "exit code 1"
+    pipeline.mark_failed(run, "data", "exit code 1", now=300)
+    assert pipeline.next_action(run, 10_000) == Action("failed", "data", 3)
+    assert pipeline.run_status(run) == "failed" and run.phases["data"].error == "exit code 1"
 
 
 def test_backoff_is_capped():
     retries = {"backoff_s": 10, "backoff_max_s": 60}
-    assert [pl.retry_delay(n, retries) for n in range(1, 6)] == [10, 20, 40, 60, 60]
+    assert [pipeline.retry_delay(n, retries) for n in range(1, 6)] == [10, 20, 40, 60, 60]
 
 
 # --- resume and cancel --------------------------------------------------------------------------
 
-def failed_at_base(max_attempts=1) -> pl.RunState:
+def failed_at_base(max_attempts=1) -> pipeline.RunState:
     run = run_of(max_attempts=max_attempts)
-    while pl.next_phase(run) != "base":
+    while pipeline.next_phase(run) != "base":
         finish_phase(run)
     submit(run)
-    pl.mark_failed(run, "base", "oom", now=1.0)
+    pipeline.mark_failed(run, "base", "oom", now=1.0)
     return run
 
 
 def test_resume_restarts_the_failed_phase_with_a_new_attempt_number_and_fresh_budget():
     run = failed_at_base()
-    assert pl.resume(run) == []
+    assert pipeline.resume(run) == []
     assert all(run.phases[p].state == "succeeded" for p in PHASES[:PHASES.index("base")])
     assert run.phases["base"].failures == 0 and run.phases["base"].error == ""
-    assert pl.next_action(run, 2.0) == Action("submit", "base", 2)
+    assert pipeline.next_action(run, 2.0) == Action("submit", "base", 2)
 
 
 def test_resume_from_a_phase_resets_it_and_everything_after_but_not_before():
     run = failed_at_base()
-    pl.resume(run, from_phase="tokenizer")
+    pipeline.resume(run, from_phase="tokenizer")
     assert run.phases["data"].state == "succeeded"
     assert all(run.phases[p].state == "pending" for p in PHASES[1:])
-    assert pl.next_action(run, 2.0) == Action("submit", "tokenizer", 2)
+    assert pipeline.next_action(run, 2.0) == Action("submit", "tokenizer", 2)
 
 
 def test_resume_from_keeps_skipped_phases_skipped():
     run = run_of(skip=("mid_eval",))
     finish_phase(run)
-    pl.resume(run, from_phase="data")
+    pipeline.resume(run, from_phase="data")
     assert run.phases["mid_eval"].state == "skipped"
 
 
 def test_resume_keeps_a_running_phase_running_so_its_job_is_adopted():
     run = run_of()
     submit(run)
-    assert pl.resume(run) == []
-    assert pl.next_action(run, 1.0) == Action("watch", "data", 1)
+    assert pipeline.resume(run) == []
+    assert pipeline.next_action(run, 1.0) == Action("watch", "data", 1)
 
 
 def test_resume_from_before_a_running_phase_reports_it_for_stopping():
     run = run_of()
     finish_phase(run)
     submit(run)
-    assert pl.resume(run, from_phase="data") == ["tokenizer"]
-    assert pl.next_action(run, 1.0) == Action("submit", "data", 2)
+    assert pipeline.resume(run, from_phase="data") == ["tokenizer"]
+    assert pipeline.next_action(run, 1.0) == Action("submit", "data", 2)
 
 
 def test_resume_from_an_unknown_or_skipped_phase_is_a_clear_error():
     with pytest.raises(VibechatError, match="unknown phase 'bse'.*base"):
-        pl.resume(run_of(), from_phase="bse")
+        pipeline.resume(run_of(), from_phase="bse")
     with pytest.raises(VibechatError, match="skipped"):
-        pl.resume(run_of(skip=("rl",)), from_phase="rl")
+        pipeline.resume(run_of(skip=("rl",)), from_phase="rl")
 
 
 def test_cancel_ends_every_phase_not_over_and_reports_the_running_one():
     run = run_of(skip=("report",))
     finish_phase(run)
     submit(run)
-    assert pl.cancel(run, now=3.0) == ["tokenizer"]
+    assert pipeline.cancel(run, now=3.0) == ["tokenizer"]
     assert run.phases["data"].state == "succeeded" and run.phases["report"].state == "skipped"
     assert all(run.phases[p].state == "cancelled" for p in PHASES[1:-1])
-    assert pl.next_action(run, 4.0) == Action("cancelled", "tokenizer", 1)
-    assert pl.run_status(run) == "cancelled"
+    assert pipeline.next_action(run, 4.0) == Action("cancelled", "tokenizer", 1)
+    assert pipeline.run_status(run) == "cancelled"
 
 
 # --- the lease ----------------------------------------------------------------------------------
 
 def test_a_lease_belongs_to_its_owner_until_it_expires():
     run = run_of()
-    pl.take_lease(run, "a", now=0.0, seconds=60)
-    assert pl.lease_holder(run, 59.0) == "a"
-    with pytest.raises(pl.InvalidTransition):
-        pl.take_lease(run, "b", now=30.0, seconds=60)
-    pl.take_lease(run, "a", now=30.0, seconds=60)  # renewal
-    assert pl.lease_holder(run, 89.0) == "a" and pl.lease_holder(run, 90.0) is None
-    pl.take_lease(run, "b", now=90.0, seconds=60)
-    pl.release_lease(run, "a")  # not a's any more: no effect
-    assert pl.lease_holder(run, 91.0) == "b"
-    pl.release_lease(run, "b")
+    pipeline.take_lease(run, "a", now=0.0, seconds=60)
+    assert pipeline.lease_holder(run, 59.0) == "a"
+    with pytest.raises(pipeline.InvalidTransition):
+        pipeline.take_lease(run, "b", now=30.0, seconds=60)
+    pipeline.take_lease(run, "a", now=30.0, seconds=60)  # renewal
+    assert pipeline.lease_holder(run, 89.0) == "a" and pipeline.lease_holder(run, 90.0) is None
+    pipeline.take_lease(run, "b", now=90.0, seconds=60)
+    pipeline.release_lease(run, "a")  # not a's any more: no effect
+    assert pipeline.lease_holder(run, 91.0) == "b"
+    pipeline.release_lease(run, "b")
     assert run.lease is None
 
 
@@ -214,13 +228,19 @@ def test_a_lease_belongs_to_its_owner_until_it_expires():
 
 def test_run_round_trips_through_json():
     run = failed_at_base(max_attempts=2)
-    pl.take_lease(run, "host:1", 5.0, 60)
-    again = pl.from_dict(json.loads(json.dumps(pl.to_dict(run))))
+    pipeline.take_lease(run, "host:1", 5.0, 60)
+    again = pipeline.from_dict(json.loads(json.dumps(pipeline.to_dict(run))))
     assert again == run
 
 
+def test_a_run_file_from_before_the_export_phase_reads_with_it_skipped():
+    d = pipeline.to_dict(run_of())
+    del d["phases"]["export"]
+    assert pipeline.from_dict(d).phases["export"].state == "skipped"
+
+
 def _corrupt(edit):
-    d = pl.to_dict(run_of())
+    d = pipeline.to_dict(run_of())
     edit(d)
     return d
 
@@ -239,13 +259,13 @@ def _corrupt(edit):
     (lambda d: d["phases"]["sft"].update(state="succeeded"), "sft is succeeded but data before it is pending"),
 ])
 def test_a_malformed_run_file_names_what_is_wrong(edit, message):
-    with pytest.raises(pl.RunFileError, match=message):
-        pl.from_dict(_corrupt(edit), where="runs/r1/run.json")
+    with pytest.raises(pipeline.RunFileError, match=message):
+        pipeline.from_dict(_corrupt(edit), where="runs/r1/run.json")
 
 
 def test_a_run_file_that_is_not_an_object_is_a_clear_error():
-    with pytest.raises(pl.RunFileError, match="should be an object, not list"):
-        pl.from_dict([], where="run.json")
+    with pytest.raises(pipeline.RunFileError, match="should be an object, not list"):
+        pipeline.from_dict([], where="run.json")
 
 
 # --- properties over random histories -----------------------------------------------------------
@@ -256,20 +276,20 @@ class RunHistory(RuleBasedStateMachine):
     @initialize(skip=st.sets(st.sampled_from(PHASES)), max_attempts=st.integers(1, 4))
     def start(self, skip, max_attempts):
         self.max_attempts = max_attempts
-        self.run = pl.new_run("r", "ci", config(skip=skip, max_attempts=max_attempts), "local", now=0.0)
+        self.run = pipeline.new_run("r", "ci", config(skip=skip, max_attempts=max_attempts), "local", now=0.0)
         self.now = 0.0
         self.submitted = set()  # (phase, attempt): a job name may never be used twice
         self.submits_since_resume = {p: 0 for p in PHASES}
 
     def action(self) -> Action:
-        return pl.next_action(self.run, self.now)
+        return pipeline.next_action(self.run, self.now)
 
     def states(self) -> dict:
         return {n: p.state for n, p in self.run.phases.items()}
 
     def check_terminal_states_kept(self, before: dict) -> None:
         for name, state in before.items():
-            if state in pl.TERMINAL:
+            if state in pipeline.TERMINAL:
                 assert self.run.phases[name].state == state, f"{name} left terminal state {state}"
 
     @precondition(lambda self: self.action().kind == "submit")
@@ -280,7 +300,7 @@ class RunHistory(RuleBasedStateMachine):
         self.submitted.add((a.phase, a.attempt))
         self.submits_since_resume[a.phase] += 1
         before = self.states()
-        pl.mark_running(self.run, a.phase, a.attempt, f"j-{a.phase}-{a.attempt}", self.now)
+        pipeline.mark_running(self.run, a.phase, a.attempt, f"j-{a.phase}-{a.attempt}", self.now)
         self.check_terminal_states_kept(before)
 
     @precondition(lambda self: self.action().kind == "watch")
@@ -289,9 +309,9 @@ class RunHistory(RuleBasedStateMachine):
         a = self.action()
         before = self.states()
         if ok:
-            pl.mark_succeeded(self.run, a.phase, self.now)
+            pipeline.mark_succeeded(self.run, a.phase, self.now)
         else:
-            pl.mark_failed(self.run, a.phase, "boom", self.now)
+            pipeline.mark_failed(self.run, a.phase, "boom", self.now)
         self.check_terminal_states_kept(before)
 
     @rule(dt=st.floats(0, 500))
@@ -301,7 +321,7 @@ class RunHistory(RuleBasedStateMachine):
     @rule()
     def cancel(self):
         before = self.states()
-        was_running = pl.cancel(self.run, self.now)
+        was_running = pipeline.cancel(self.run, self.now)
         assert was_running == [n for n, s in before.items() if s == "running"]
         self.check_terminal_states_kept(before)
 
@@ -309,7 +329,7 @@ class RunHistory(RuleBasedStateMachine):
     def resume(self, from_phase):
         before = self.states()
         try:
-            pl.resume(self.run, from_phase)
+            pipeline.resume(self.run, from_phase)
         except VibechatError:
             assert before[from_phase] == "skipped"
             return
@@ -325,7 +345,7 @@ class RunHistory(RuleBasedStateMachine):
     def no_phase_runs_or_succeeds_before_its_predecessors_are_done(self):
         for i, name in enumerate(PHASES):
             if self.run.phases[name].state in ("running", "succeeded"):
-                assert all(self.run.phases[b].state in pl.DONE for b in PHASES[:i])
+                assert all(self.run.phases[b].state in pipeline.DONE for b in PHASES[:i])
 
     @invariant()
     def at_most_one_phase_runs(self):
@@ -339,7 +359,7 @@ class RunHistory(RuleBasedStateMachine):
 
     @invariant()
     def the_run_survives_a_trip_through_run_json(self):
-        assert pl.from_dict(json.loads(json.dumps(pl.to_dict(self.run)))) == self.run
+        assert pipeline.from_dict(json.loads(json.dumps(pipeline.to_dict(self.run)))) == self.run
 
 
 TestRunHistory = RunHistory.TestCase
@@ -349,18 +369,18 @@ TestRunHistory.settings = settings(max_examples=150, stateful_step_count=60, dea
 @given(st.data())
 @settings(max_examples=100, deadline=None)
 def test_a_run_always_reaches_done_when_every_attempt_succeeds(data):
-    run = pl.new_run("r", "ci", config(skip=data.draw(st.sets(st.sampled_from(PHASES)))), "local", now=0.0)
+    run = pipeline.new_run("r", "ci", config(skip=data.draw(st.sets(st.sampled_from(PHASES)))), "local", now=0.0)
     for _ in range(len(PHASES)):
-        if pl.next_action(run, 0.0).kind == "done":
+        if pipeline.next_action(run, 0.0).kind == "done":
             break
         finish_phase(run)
-    assert pl.next_action(run, 0.0) == Action("done")
+    assert pipeline.next_action(run, 0.0) == Action("done")
 
 
 @given(st.integers(1, 5), st.floats(0.1, 100), st.floats(0.1, 1000))
 @settings(deadline=None)
 def test_the_wait_before_a_retry_never_shrinks_and_never_passes_the_cap(failures, base, cap):
     retries = {"backoff_s": base, "backoff_max_s": cap}
-    assert pl.retry_delay(failures, retries) <= max(cap, 0)
-    assert pl.retry_delay(failures + 1, retries) >= pl.retry_delay(failures, retries)
+    assert pipeline.retry_delay(failures, retries) <= max(cap, 0)
+    assert pipeline.retry_delay(failures + 1, retries) >= pipeline.retry_delay(failures, retries)
 

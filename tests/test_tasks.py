@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.arc import ARC
-from tasks.common import TaskMixture, TaskSequence
+from tasks.common import TaskMixture
 from tasks.customjson import CustomJSON
 from tasks.gsm8k import GSM8K, extract_answer
 from tasks.humaneval import HumanEval
@@ -266,11 +266,6 @@ def test_mixture_oversamples_a_task_listed_twice():
     assert len(mixture) == 30
     assert all(counts[q] == 2 for q in questions(b)) and all(counts[q] == 1 for q in questions(a))
     assert mixture.name == "Mixture(Arithmetic (stand-in), MultipleChoice (stand-in), MultipleChoice (stand-in))"
-
-
-def test_sequence_keeps_tasks_in_order():
-    a, b = StandinArithmetic("train", size=3), StandinMultipleChoice("train", size=2)
-    assert questions(TaskSequence([a, b])) == questions(a) + questions(b)
 
 
 # --- stand-ins and synthetic tasks -------------------------------------------------------------

@@ -48,6 +48,13 @@ def output_file(text: str) -> str:
     return text
 
 
+def format_duration(seconds: float) -> str:
+    """3m05s, or 1h02m03s from an hour on."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 def get_store_url() -> str:
     """The store root: $VIBECHAT_STORE (file:// or s3:// URL or a plain path), else ~/.cache/vibechat."""
     return os.environ.get("VIBECHAT_STORE") or DEFAULT_HOME
@@ -63,7 +70,9 @@ def get_base_dir() -> str:
         return os.environ["VIBECHAT_BASE_DIR"]
     run = os.environ.get("VIBECHAT_RUN")
     if run:
-        return get_store_url().rstrip("/") + "/runs/" + run
+        from vibechat.layout import join, run_dir
+
+        return join(get_store_url(), run_dir(run))
     return DEFAULT_HOME
 
 

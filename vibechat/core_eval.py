@@ -25,10 +25,10 @@ import yaml
 
 from vibechat.common import VibechatError, print0
 from vibechat.download import download_to_store
+from vibechat.layout import EVAL_BUNDLE_DIR
 from vibechat.storage import Store, open_store
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
-BUNDLE_KEY = "data/eval_bundle"  # where the unpacked bundle lives in the store
 
 
 @dataclass
@@ -181,9 +181,9 @@ def download_eval_bundle(store: Store, url: str = EVAL_BUNDLE_URL) -> None:
 
     core.yaml is written last, so its presence means the bundle is complete.
     """
-    if store.exists(f"{BUNDLE_KEY}/core.yaml"):
+    if store.exists(f"{EVAL_BUNDLE_DIR}/core.yaml"):
         return
-    hint = (f"copy the unpacked bundle (core.yaml, eval_meta_data.csv, eval_data/) to {store.uri(BUNDLE_KEY)}/, "
+    hint = (f"copy the unpacked bundle (core.yaml, eval_meta_data.csv, eval_data/) to {store.uri(EVAL_BUNDLE_DIR)}/, "
             "or evaluate with the offline stand-in CORE tasks")
     with tempfile.TemporaryDirectory() as tmp:
         download_to_store(url, open_store(tmp), "eval_bundle.zip", "the CORE eval bundle", hint)
@@ -193,7 +193,7 @@ def download_eval_bundle(store: Store, url: str = EVAL_BUNDLE_URL) -> None:
                 if "eval_bundle/core.yaml" not in names:
                     raise VibechatError(f"{url} is not the CORE eval bundle: it has no eval_bundle/core.yaml")
                 for name in sorted(names, key=lambda n: n == "eval_bundle/core.yaml"):
-                    store.put_bytes(f"{BUNDLE_KEY}/{name.removeprefix('eval_bundle/')}", bundle.read(name))
+                    store.put_bytes(f"{EVAL_BUNDLE_DIR}/{name.removeprefix('eval_bundle/')}", bundle.read(name))
         except zipfile.BadZipFile:
             raise VibechatError(f"{url} did not give a zip file; check the URL") from None
 
@@ -201,12 +201,12 @@ def download_eval_bundle(store: Store, url: str = EVAL_BUNDLE_URL) -> None:
 def load_eval_bundle(store: Store, url: str = EVAL_BUNDLE_URL) -> list[CoreTask]:
     """The CORE tasks of the eval bundle, downloading it into the store on first use."""
     download_eval_bundle(store, url)
-    config = yaml.safe_load(store.get_text(f"{BUNDLE_KEY}/core.yaml"))
-    meta_rows = csv.DictReader(io.StringIO(store.get_text(f"{BUNDLE_KEY}/eval_meta_data.csv")))
+    config = yaml.safe_load(store.get_text(f"{EVAL_BUNDLE_DIR}/core.yaml"))
+    meta_rows = csv.DictReader(io.StringIO(store.get_text(f"{EVAL_BUNDLE_DIR}/eval_meta_data.csv")))
     baselines = {row["Eval Task"]: float(row["Random baseline"]) / 100 for row in meta_rows}  # given in percent
     tasks = []
     for entry in config["icl_tasks"]:
-        text = store.get_text(f"{BUNDLE_KEY}/eval_data/{entry['dataset_uri']}")
+        text = store.get_text(f"{EVAL_BUNDLE_DIR}/eval_data/{entry['dataset_uri']}")
         task_meta = {
             "task_type": entry["icl_task_type"],
             "num_fewshot": entry["num_fewshot"][0],

@@ -72,8 +72,8 @@ def tokenizing_distributed_data_loader_with_state(
     """Yields (inputs, targets, state): (B, T) int64 on the device, targets are inputs shifted by one token.
 
     state (a small JSON-able dict) says where this rank's stream stands after the batch; a new loader given it
-    as resume_state yields exactly the batches this one would have yielded next. It is per rank: keep every
-    rank's (e.g. all_gather_object them into the checkpoint's meta) and give each rank its own back.
+    as resume_state yields exactly the batches this one would have yielded next. It is per rank: a checkpoint keeps
+    each rank's in that rank's own optimizer file, and each rank gets its own back.
     Rank and world size default to torchrun's; the tokenizer defaults to the run's (get_tokenizer()).
     """
     if split not in ("train", "val"):

@@ -16,7 +16,6 @@ import ast
 import io
 import os
 import random
-import re
 import sysconfig
 import tempfile
 import time
@@ -28,13 +27,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vibechat.common import VibechatError, get_store_url, print0, run_main
+from vibechat.layout import SHARD_NAME, dataset_dir, shard_key
 from vibechat.storage import Store, open_store
 
 DATASETS = ("pydocs", "fineweb-edu")
 DEFAULT_DATASET = "pydocs"
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 FINEWEB_NUM_SHARDS = 1823  # shard_00000 .. shard_01822
-SHARD_NAME = re.compile(r"shard_(\d{5})\.parquet")
 
 
 class DataError(VibechatError):
@@ -51,10 +50,6 @@ def data_store() -> Store:
     return open_store(get_store_url())
 
 
-def shard_key(dataset: str, index: int) -> str:
-    return f"data/{dataset}/shard_{index:05d}.parquet"
-
-
 def write_shard(store: Store, dataset: str, index: int, texts: list[str], row_group_size: int = 1024) -> str:
     """Write one shard; the store writes a temp object and renames it, so readers never see half a shard."""
     buffer = io.BytesIO()
@@ -67,7 +62,7 @@ def write_shard(store: Store, dataset: str, index: int, texts: list[str], row_gr
 
 def list_shards(store: Store, dataset: str) -> list[str]:
     """Keys of the dataset's shards, in index order."""
-    return [k for k in store.list(f"data/{dataset}/") if SHARD_NAME.fullmatch(k.rsplit("/", 1)[-1])]
+    return [k for k in store.list(dataset_dir(dataset) + "/") if SHARD_NAME.fullmatch(k.rsplit("/", 1)[-1])]
 
 
 def split_shards(store: Store, dataset: str, split: str) -> list[str]:
@@ -77,7 +72,7 @@ def split_shards(store: Store, dataset: str, split: str) -> list[str]:
     shards = list_shards(store, dataset)
     if len(shards) < 2:
         raise DataError(
-            f"{store.uri(f'data/{dataset}')} holds {len(shards)} shard(s) but a dataset needs at least 2 "
+            f"{store.uri(dataset_dir(dataset))} holds {len(shards)} shard(s) but a dataset needs at least 2 "
             f"(train + val): prepare it with python -m jobs.data --dataset {dataset}"
         )
     return shards[:-1] if split == "train" else shards[-1:]
@@ -349,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = dataset_name(args.dataset)
     store = data_store()
     keys = prepare(store, dataset, args.num_shards, args.workers, args.base_url)
-    print0(f"{dataset}: {len(keys)} shards in {store.uri(f'data/{dataset}')} (the last one is the val split)")
+    print0(f"{dataset}: {len(keys)} shards in {store.uri(dataset_dir(dataset))} (the last one is the val split)")
 
 
 if __name__ == "__main__":

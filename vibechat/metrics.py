@@ -3,13 +3,18 @@ and, when VIBECHAT_METRICS_PORT is set, serves the latest values for Prometheus.
 
 A metrics file is stored as segments of at most SEGMENT_BYTES: <phase>.jsonl, then <phase>.jsonl.000001, ...
 S3 has no append, so each logged line rewrites its object; segments keep that rewrite small however long the
-run, while every line is readable as soon as log() returns. read_metrics joins the segments."""
+run, while every line is readable as soon as log() returns. read_metrics joins the segments.
+
+Each step is recorded once, however often a phase is killed and resumed: a training phase opens its logger with the
+step it starts from (resume_step), and the logger first drops the records of later steps, which an attempt that died
+after that checkpoint had logged and the resumed one logs again. Records without a step are kept."""
 
 import json
 import os
 import time
 
 from vibechat.common import get_base_dir, get_dist_info
+from vibechat.layout import metrics_key
 from vibechat.storage import open_store
 
 _GAUGES = {}  # name -> Gauge, per process: prometheus refuses a second gauge of the same name
@@ -25,15 +30,20 @@ def segment_keys(store, key: str) -> list[str]:
 
 
 class MetricsLogger:
-    """log(step=..., loss=...) appends a line; rank != 0 does nothing."""
+    """log(step=..., loss=...) appends a line; rank != 0 does nothing.
 
-    def __init__(self, phase: str, base_dir: str | None = None):
+    resume_step: the checkpoint step a training phase starts from (0: afresh), whose later records are dropped;
+    None (evaluations) keeps every record."""
+
+    def __init__(self, phase: str, base_dir: str | None = None, resume_step: int | None = None):
         self.phase = phase
         _, rank, _, _ = get_dist_info()
         self.enabled = rank == 0
         self.store = open_store(base_dir or get_base_dir())
-        self.key = f"metrics/{phase}.jsonl"
+        self.key = metrics_key(phase)
         self._segment: tuple[str, int] | None = None  # (key, bytes) of the segment lines go to; found at the first log
+        if self.enabled and resume_step is not None:
+            self._drop_steps_after(resume_step)
         port = os.environ.get("VIBECHAT_METRICS_PORT")
         if self.enabled and port:
             from prometheus_client import start_http_server
@@ -52,6 +62,22 @@ class MetricsLogger:
         self.store.append_text(key, line)
         self._segment = key, size + len(line)
         self._export(values)
+
+    def _drop_steps_after(self, resume_step: int) -> None:
+        """Rewrite the segments without the records past resume_step (every stepped record when starting afresh:
+        no checkpoint is at step 0)."""
+        def replayed(line: str) -> bool:
+            try:
+                step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                return False  # not ours to judge: read_metrics counts it as corrupt
+            return isinstance(step, int) and (step > resume_step or resume_step == 0)
+
+        for key in segment_keys(self.store, self.key):
+            text = self.store.get_text(key)
+            kept = "".join(line for line in text.splitlines(keepends=True) if not replayed(line))
+            if kept != text:
+                self.store.put_text(key, kept)
 
     def _last_segment(self) -> tuple[str, int]:
         """Where a resumed phase goes on appending: the last segment written before, or a new file."""

@@ -24,7 +24,8 @@ from datetime import datetime
 import psutil
 import torch
 
-from vibechat.common import get_base_dir, get_dist_info
+from vibechat.common import format_duration, get_base_dir, get_dist_info
+from vibechat.layout import REPORT_DIR, REPORT_NAME, STAGES, eval_metrics_key, join
 from vibechat.metrics import read_metrics
 from vibechat.storage import open_store
 
@@ -39,7 +40,6 @@ SECTION_ORDER = [
     "Chat SFT", "Chat evaluation sft",
     "Chat RL", "Chat evaluation rl",
 ]
-STAGES = ["base", "mid", "sft", "rl"]  # table columns; stage X's scores are in metrics/X_eval.jsonl
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"]
 
 
@@ -53,12 +53,6 @@ def format_value(value) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
     return str(value)
-
-
-def format_duration(seconds: float) -> str:
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +132,7 @@ def stage_scores(base_store) -> dict[str, dict[str, dict]]:
     """stage -> task -> its record, from metrics/<stage>_eval.jsonl (the last record of a task wins)."""
     scores = {}
     for stage in STAGES:
-        records, _ = read_metrics(base_store, f"metrics/{stage}_eval.jsonl")
+        records, _ = read_metrics(base_store, eval_metrics_key(stage))
         scores[stage] = {r["task"]: r for r in records if "task" in r and isinstance(r.get("score"), (int, float))}
     return scores
 
@@ -225,8 +219,8 @@ class Report:
                  "\n".join(time_and_cost([t for _, t in sections], gpu_hour_cost)) + "\n\n"]
         parts += [self.store.get_text(key) for key, _ in sections]
         parts.append(f"Generated {datetime.now():%Y-%m-%d %H:%M:%S}\n")
-        self.store.put_text("report.md", "".join(parts))
-        return self.store.uri("report.md")
+        self.store.put_text(REPORT_NAME, "".join(parts))
+        return self.store.uri(REPORT_NAME)
 
     def reset(self) -> None:
         """Delete every section and the report, and write a fresh header."""
@@ -252,4 +246,4 @@ def get_report() -> "Report | DummyReport":
     _, rank, _, _ = get_dist_info()
     if rank != 0:
         return DummyReport()
-    return Report(get_base_dir().rstrip("/") + "/report")
+    return Report(join(get_base_dir(), REPORT_DIR))

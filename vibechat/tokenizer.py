@@ -13,6 +13,7 @@ import tiktoken
 import torch
 
 from vibechat.common import VibechatError, get_base_dir
+from vibechat.layout import TOKENIZER_DIR
 from vibechat.storage import open_store
 
 SPECIAL_TOKENS = [
@@ -425,7 +426,7 @@ def save_token_bytes(tokenizer: ChatTokenizer, tokenizer_dir: str) -> torch.Tens
 
 
 def default_tokenizer_dir() -> str:
-    return open_store(get_base_dir()).uri("tokenizer")
+    return open_store(get_base_dir()).uri(TOKENIZER_DIR)
 
 
 def get_tokenizer() -> RustBPETokenizer:

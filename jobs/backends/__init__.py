@@ -39,8 +39,6 @@ class JobStatus:
 
 
 class Backend(Protocol):
-    name: str
-
     def submit(self, job: PhaseJob) -> None:
         """Start the job; if a job of that name already exists, adopt it (never start a second copy)."""
 

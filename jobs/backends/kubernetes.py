@@ -296,8 +296,6 @@ def kubernetes_available(api_client: client.ApiClient | None = None) -> tuple[bo
 class KubernetesBackend:
     """Runs each phase as a PyTorchJob in one namespace; the job name is the PhaseJob's deterministic name."""
 
-    name = "kubernetes"
-
     def __init__(
         self,
         namespace: str,

@@ -66,7 +66,7 @@ def _group_alive(pgid: int) -> bool:
 
 
 class LocalBackend:
-    name = "local"
+    """Runs each phase as a child process of a small wrapper, its folder named after the job."""
 
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
