@@ -15,15 +15,14 @@ from pathlib import Path
 import kmock
 import pytest
 import yaml
-from kubernetes import client
 
 from jobs import controller, health, runstore
-from jobs.console import Console
-from jobs.driver import Driver, phase_job
 from jobs import pipeline as pl
-from jobs.backends import PhaseJob
 from jobs.backends.kubernetes import KEEP_FINISHED_SECONDS, KubernetesBackend, LeaseLock
 from jobs.config import load_config
+from jobs.console import Console
+from jobs.driver import Driver, phase_job
+from tests.kmock_fixtures import api_client, call, cluster  # noqa: F401 (cluster is a fixture)
 from vibechat.storage import open_store
 
 pytestmark = pytest.mark.asyncio
@@ -35,17 +34,8 @@ JOBS = kmock.resource("kubeflow.org", "v1", "pytorchjobs")
 LEASES = kmock.resource("coordination.k8s.io", "v1", "leases")
 
 
-def api_client(server) -> client.ApiClient:
-    configuration = client.Configuration()
-    configuration.host = str(server.url).rstrip("/")
-    return client.ApiClient(configuration)
 
 
-@pytest.fixture
-def cluster(kmock):
-    kmock.resources["kubeflow.org/v1/pytorchjobs"] = {"kind": "PyTorchJob", "namespaced": True}
-    kmock.resources["v1/pods"] = {"kind": "Pod", "namespaced": True}
-    return kmock
 
 
 @pytest.fixture
@@ -79,8 +69,6 @@ def driver(store, cluster, owner: str, run_id: str = "r1") -> Driver:
     return Driver(store, run_id, backend, owner, Console(), follow=False)
 
 
-async def call(fn, *args, **kwargs):
-    return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout=60)
 
 
 def created(cluster) -> list[str]:
