@@ -8,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from jobs import pipeline as pl
+from vibechat.common import VibechatError
 
 REGISTRY = CollectorRegistry()  # only the controller's own series, not the process collectors' defaults
 RUNS = Gauge("vibechat_runs", "Runs in the store, by state", ["state"], registry=REGISTRY)
@@ -75,6 +76,10 @@ def serve_http(port: int, health: Health) -> ThreadingHTTPServer:
         def log_message(self, *args):  # the probes would fill the log
             pass
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    try:
+        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+    except OSError as e:
+        raise VibechatError(f"cannot serve /healthz and /metrics on port {port} ({e.strerror}): "
+                            "pass another --http-port") from None
     threading.Thread(target=server.serve_forever, name="health-http", daemon=True).start()
     return server

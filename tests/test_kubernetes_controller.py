@@ -268,3 +268,17 @@ async def test_the_role_grants_exactly_what_the_controller_calls(store, cluster)
     granted = {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
                for resource in rule["resources"] for verb in rule["verbs"]}
     assert calls == granted
+
+
+async def test_serve_on_a_port_in_use_says_to_pick_another(tmp_path):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "jobs.controller", "serve", "--backend", "local",
+                                 "--store", str(tmp_path), "--http-port", str(port)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert f"cannot serve /healthz and /metrics on port {port}" in result.stderr and "pass another --http-port" in result.stderr
+    assert "Traceback" not in result.stderr
