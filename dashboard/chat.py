@@ -1,9 +1,11 @@
 """Chat with a checkpoint of a run: the model is loaded once per checkpoint, and its reply streams as text.
 
 The calculator's special tokens are not shown as they are: a call
-<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> shows as 🧮 `12*7` → 84.
+<|python_start|>12*7<|python_end|><|output_start|>84<|output_end|> shows as 🧮 `12*7` → `84`. The model's own
+text is shown verbatim: Markdown would eat the `*` of 7*7 and make `#### 34` a heading.
 """
 
+import re
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -50,8 +52,17 @@ def prompt_tokens(chat_model: ChatModel, conversation: list[int], text: str) -> 
             special("<|assistant_start|>")]
 
 
+def verbatim(text: str) -> str:
+    """Markdown that shows text as it is: inline marks (* _ ` # $ ...) and line-leading list or quote marks
+    escaped, line breaks kept."""
+    text = re.sub(r"([\\`*_\[\]<#|~$])", r"\\\1", text)
+    text = re.sub(r"(?m)^(\s*)([-+=>]|\d+[.)])", lambda m: f"{m.group(1)}{m.group(2)[:-1]}\\{m.group(2)[-1]}", text)
+    return text.replace("\n", "  \n")
+
+
 def display_text(tokenizer, tokens: list[int]) -> str:
-    """Reply tokens as the page shows them: the text, with each calculator call as 🧮 `expression` → result.
+    """Reply tokens as the page shows them (Markdown): the text verbatim, each calculator call as
+    🧮 `expression` → `result` set apart from the model's own copy of the result that usually follows.
 
     A call shows once its <|python_end|> arrives and its result once <|output_end|> does, so the text of a
     growing reply only ever grows at the end.
@@ -60,21 +71,27 @@ def display_text(tokenizer, tokens: list[int]) -> str:
     python_start, python_end = special("<|python_start|>"), special("<|python_end|>")
     output_start, output_end = special("<|output_start|>"), special("<|output_end|>")
     pieces, run, inside = [], [], None  # run: tokens since the last marker; inside: the open marker, if any
+
+    def text(run: list[int]) -> str:  # a space keeps "→ `64`" apart from the model's own "64 dollars"
+        shown = verbatim(tokenizer.decode(run))
+        return f" {shown}" if pieces and pieces[-1].startswith(" → ") and shown[:1].isalnum() else shown
+
     for token in tokens:
         if token in (python_start, output_start):
             if inside is None:
-                pieces.append(tokenizer.decode(run))
+                pieces.append(text(run))
             run, inside = [], token
         elif token == python_end and inside == python_start:
-            pieces.append(f"🧮 `{tokenizer.decode(run)}`")
+            space = " " if pieces and pieces[-1] and not pieces[-1][-1].isspace() else ""
+            pieces.append(f"{space}🧮 `{tokenizer.decode(run)}`")
             run, inside = [], None
         elif token == output_end and inside == output_start:
-            pieces.append(f" → {tokenizer.decode(run)}")
+            pieces.append(f" → `{tokenizer.decode(run)}`")
             run, inside = [], None
         else:
             run.append(token)
     if inside is None:
-        pieces.append(tokenizer.decode(run))
+        pieces.append(text(run))
     return "".join(pieces)
 
 

@@ -1,12 +1,14 @@
-"""Chat: talk to any checkpoint of the run (a base model continues the text instead); replies stream token by token."""
+"""Chat: talk to any checkpoint of the run (a base model continues the text instead); replies stream token by token.
+The chosen checkpoint, the sampling settings and the conversation outlive a visit to another page."""
 
 import streamlit as st
 
-from dashboard import chat, data
+from dashboard import chat, data, view
 from vibechat.common import VibechatError
 from vibechat.layout import run_dir
 
 MAX_TOKENS = 512  # the longest reply
+MAX_CHARS = 4000  # the longest message: about 1,000 tokens, more than a small model's context holds anyway
 
 url, run_id = st.session_state.store_url, st.session_state.run_id
 st.title("Chat")
@@ -15,13 +17,19 @@ if not found:
     st.info(f"Run {run_id} has no checkpoint yet: chat needs one from the base, mid, sft or rl phase.")
     st.stop()
 
-stage_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
-stage = stage_column.selectbox("Checkpoint", list(found), index=len(found) - 1, help="the phase that wrote it",
-                               key="chat_source")
+source_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
+view.init("chat_source", list(found)[-1], list(found))
+stage = source_column.selectbox("Checkpoint", list(found), help="the phase that wrote it",
+                             key="chat_source")
+view.init("chat_model_tag", list(found[stage])[0], list(found[stage]))
 model_tag = tag_column.selectbox("Model", list(found[stage]), key="chat_model_tag")
+view.init("chat_step", found[stage][model_tag][0], found[stage][model_tag])
 step = step_column.selectbox("Step", found[stage][model_tag], key="chat_step")
-temperature = temperature_column.slider("Temperature", 0.0, 2.0, 0.6, 0.05, help="0 always picks the likeliest token")
-top_k = top_k_column.slider("Top-k", 1, 200, 50, help="sample among the k likeliest tokens")
+view.init("chat_temperature", 0.6)
+temperature = temperature_column.slider("Temperature", 0.0, 2.0, step=0.05, key="chat_temperature",
+                                        help="0 always picks the likeliest token")
+view.init("chat_top_k", 50)
+top_k = top_k_column.slider("Top-k", 1, 200, key="chat_top_k", help="sample among the k likeliest tokens")
 
 try:
     chat_model = chat.load_chat_model(data.store(url).uri(run_dir(run_id)), stage, model_tag, step)
@@ -35,7 +43,7 @@ checkpoint = (url, run_id, stage, model_tag, step)
 new_conversation = st.button("New conversation")
 if new_conversation or st.session_state.get("chat_checkpoint") != checkpoint:
     st.session_state.chat_checkpoint = checkpoint
-    st.session_state.chat_messages = []  # (role, text) as shown
+    st.session_state.chat_messages = []  # (role, Markdown) as shown
     st.session_state.chat_tokens = [chat_model.engine.tokenizer.get_bos_token_id()]  # the conversation so far
 note = "" if chat_model.is_chat else " — a base model continues your text"
 if chat_model.engine.use_cuda_graph:
@@ -45,9 +53,11 @@ st.caption(f"{stage} model {model_tag}, step {step}, on {chat_model.device}{note
 for role, text in st.session_state.chat_messages:
     st.chat_message(role).markdown(text)
 
-prompt = st.chat_input("Message the model" if chat_model.is_chat else "Text for the model to continue")
+prompt = st.chat_input("Message the model" if chat_model.is_chat else "Text for the model to continue",
+                       max_chars=MAX_CHARS)
 if prompt:
-    st.chat_message("user").markdown(prompt)
+    shown_prompt = chat.verbatim(prompt)
+    st.chat_message("user").markdown(shown_prompt)
     tokens = chat.prompt_tokens(chat_model, st.session_state.chat_tokens, prompt)
     reply: list[int] = []
     with st.chat_message("assistant"):
@@ -57,8 +67,8 @@ if prompt:
                 text = "*(the model ended its reply at once)*"
                 st.markdown(text)
         except VibechatError as e:  # e.g. the conversation outgrew the model's context
-            st.error(str(e))
+            st.error(f"{e} — this message is not part of the conversation; shorten it or start a new conversation.")
             st.stop()
-    st.session_state.chat_messages += [("user", prompt), ("assistant", text)]
+    st.session_state.chat_messages += [("user", shown_prompt), ("assistant", text)]
     assistant_end = chat_model.engine.tokenizer.encode_special("<|assistant_end|>")
     st.session_state.chat_tokens = tokens + reply + [assistant_end]

@@ -26,9 +26,9 @@ from jobs.phase import (add_training_args, check_loss, end_phase, eval_due, load
                         restore_training_state, save_due, save_training_checkpoint, start_phase)
 from jobs.training import collate, global_sum, make_optimizers, set_lr, step_optimizers
 from tasks.registry import get_task
-from vibechat.common import VibechatError, positive_int, print0, run_main
+from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto
 from vibechat.engine import Engine
-from vibechat.metrics import MetricsLogger
+from vibechat.metrics import MetricsLogger, system_metrics
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the training questions")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: from --num-epochs")
+    p.add_argument("--num-iterations", type=steps_or_auto, default=-1, help="optimizer steps; -1: from --num-epochs")
     p.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations")
     p.add_argument("--eval-examples", type=int, default=400, help="held-out questions per evaluation")
     p.add_argument("--eval-samples", type=int, default=8, help="k of pass@k: answers sampled per held-out question")
@@ -201,7 +201,7 @@ def main(argv=None) -> None:
         if step % args.log_every == 0 or step == num_iterations:
             record = dict(loss=loss, reward=mean_reward, answer_tokens=mean_length, lr=lr_mult, dt=dt)
             print0(progress_line(step, num_iterations, record))
-            metrics.log(step=step, **record)
+            metrics.log(step=step, **record, **system_metrics(device))
 
     results = {"model": start.model_tag, f"{args.source} step": start.source_step, "iterations": num_iterations,
                "train time (min)": round(train_seconds / 60, 2), "ranks": world_size}

@@ -19,18 +19,18 @@ jobs/driver.py (backends and the Driver) and jobs/console.py (what the user sees
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 from jobs import health, pipeline
-from jobs.config import load_config, preset_names
+from jobs.config import check_phase_args, load_config, preset_names
 from jobs.console import Console
-from jobs.driver import OVER, Driver, local_state_dir, make_backend, phase_job, pick_backend, store_flag, store_root
+from jobs.driver import (OVER, Driver, drive_in_background, make_backend, phase_job, phase_log, pick_backend, stop_run,
+                         store_flag, store_root)
 from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, owner_id, read_run, write_run
 from vibechat.common import VibechatError, format_duration, get_store_url, run_main
-from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run, log_key
+from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run
 from vibechat.storage import PreconditionFailed, Store, open_store
 
 
@@ -44,7 +44,8 @@ def report_summary(run: pipeline.RunState, store: Store) -> None:
 def cmd_start(args) -> int:
     store = open_store(args.store)
     config = load_config(args.preset, args.config)
-    if args.run_id:
+    check_phase_args(config, f"preset {args.preset}" + (f" with {args.config}" if args.config else ""))
+    if args.run_id is not None:  # "" too: an empty --run-id is a mistake, not a request for a generated one
         check_run_id(args.run_id)
     backend, why = pick_backend(args.backend, store)
     owner = None if args.detach or args.no_drive else owner_id()
@@ -64,13 +65,7 @@ def cmd_start(args) -> int:
 
 
 def detach(store: Store, run_id: str) -> int:
-    """Drive the run from a controller process of its own that outlives this one."""
-    log_dir = local_state_dir(store)
-    os.makedirs(log_dir, exist_ok=True)
-    log_path = os.path.join(log_dir, f"{run_id}-controller.log")
-    with open(log_path, "ab") as log:
-        subprocess.Popen([sys.executable, "-m", "jobs.controller", "resume", run_id, "--store", store_root(store)],
-                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    log_path = drive_in_background(store, run_id)
     flag = store_flag(store)
     print(f"driving run {run_id} in the background (its output: {log_path})")
     print(f"  status: python -m jobs.controller status {run_id}{flag}")
@@ -99,7 +94,8 @@ def cmd_resume(args) -> int:
     while True:
         run, version = read_run(store, args.run_id)
         if pipeline.run_status(run) == pipeline.SUCCEEDED and not args.from_phase:
-            print(f"run {run.run_id} has succeeded already; `resume {run.run_id} --from PHASE` redoes a phase")
+            print(f"run {run.run_id} has succeeded already; `resume {run.run_id} --from PHASE` runs a phase "
+                  "and those after it again")
             return 0
         claim(run, owner, time.time())  # before anything changes: a live driver keeps its run
         backend = make_backend(run, store)
@@ -123,22 +119,13 @@ def cmd_resume(args) -> int:
 
 def cmd_stop(args) -> int:
     store = open_store(args.store)
-    while True:
-        run, version = read_run(store, args.run_id)
-        if pipeline.run_status(run) in OVER:
-            print(f"run {run.run_id} is already {pipeline.run_status(run)}")
-            return 0
-        running = pipeline.cancel(run, time.time())
-        try:
-            write_run(store, run, version)
-            break
-        except PreconditionFailed:
-            continue
-    backend = make_backend(run, store)
-    for name in running:
-        print(f"stopping {run.phases[name].job_name}")
-        backend.stop(phase_job(run, store, name, run.phases[name].attempt))
-    print(f"run {run.run_id} cancelled; `python -m jobs.controller resume {run.run_id}{store_flag(store)}` goes on "
+    stopped = stop_run(store, args.run_id)
+    if stopped is None:
+        print(f"run {args.run_id} is already {pipeline.run_status(read_run(store, args.run_id)[0])}")
+        return 0
+    for job_name in stopped:
+        print(f"stopping {job_name}")
+    print(f"run {args.run_id} cancelled; `python -m jobs.controller resume {args.run_id}{store_flag(store)}` goes on "
           "from where it stopped")
     return 0
 
@@ -201,14 +188,7 @@ def cmd_logs(args) -> int:
         raise VibechatError(f"phase {args.phase} of run {run.run_id} has not started yet ({p.state})")
     if not 1 <= attempt <= p.attempt:
         raise VibechatError(f"phase {args.phase} of run {run.run_id} has attempts 1..{p.attempt}, not {attempt}")
-    job = phase_job(run, store, args.phase, attempt)
-    if p.state == pipeline.RUNNING and attempt == p.attempt:  # the store's copy lags behind: ask the backend
-        text = make_backend(run, store).logs(job)
-    else:
-        try:
-            text = store.get_text(in_run(run.run_id, log_key(args.phase, attempt)))
-        except FileNotFoundError:  # its controller died before copying it: the backend may still have it
-            text = make_backend(run, store).logs(job)
+    text = phase_log(store, run, args.phase, attempt)
     sys.stdout.write(text)
     return 0
 
@@ -296,7 +276,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = command("resume", cmd_resume, "go on with a run that failed, was stopped, or lost its controller")
     c.add_argument("run_id", metavar="RUN")
     c.add_argument("--from", dest="from_phase", metavar="PHASE",
-                   help=f"redo this phase and all after it ({', '.join(pipeline.PHASES)})")
+                   help="run this phase and every one after it again; a training phase that has checkpoints "
+                        "continues from its newest (delete runs/RUN/checkpoints/<phase>/ to train it from scratch); "
+                        f"phases: {', '.join(pipeline.PHASES)}")
     c = command("stop", cmd_stop, "cancel a run and stop its running job")
     c.add_argument("run_id", metavar="RUN")
     c = command("logs", cmd_logs, "print the output of a phase")

@@ -2,6 +2,7 @@
 step of the run per tick while it holds the run's lease."""
 
 import os
+import subprocess
 import sys
 import time
 
@@ -235,6 +236,48 @@ class Driver:
             pipeline.release_lease(run, self.owner)
             if self._write(run, version):
                 return
+
+
+def stop_run(store: Store, run_id: str) -> list[str] | None:
+    """Cancel the run and stop the jobs of its running phases: their names, or None if the run was over already."""
+    while True:
+        run, version = read_run(store, run_id)
+        if pipeline.run_status(run) in OVER:
+            return None
+        running = pipeline.cancel(run, time.time())
+        try:
+            write_run(store, run, version)
+            break
+        except PreconditionFailed:
+            continue  # changed under us: decide again on the new state
+    backend = make_backend(run, store)
+    for name in running:
+        backend.stop(phase_job(run, store, name, run.phases[name].attempt))
+    return [run.phases[name].job_name for name in running]
+
+
+def drive_in_background(store: Store, run_id: str) -> str:
+    """Drive the run from a controller process of its own (`resume`), which outlives this one; its output's path."""
+    log_dir = local_state_dir(store)
+    os.makedirs(log_dir, exist_ok=True)
+    log_path = os.path.join(log_dir, f"{run_id}-controller.log")
+    with open(log_path, "ab") as log:
+        subprocess.Popen([sys.executable, "-m", "jobs.controller", "resume", run_id, "--store", store_root(store)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    return log_path
+
+
+def phase_log(store: Store, run: pipeline.RunState, phase: str, attempt: int) -> str:
+    """The output of one attempt of a phase: from the backend while it runs (the store's copy lags behind) or when
+    the store has none (its controller died before copying it), else the store's copy."""
+    job = phase_job(run, store, phase, attempt)
+    p = run.phases[phase]
+    if p.state == pipeline.RUNNING and attempt == p.attempt:
+        return make_backend(run, store).logs(job)
+    try:
+        return store.get_text(in_run(run.run_id, log_key(phase, attempt)))
+    except FileNotFoundError:
+        return make_backend(run, store).logs(job)
 
 
 def store_flag(store: Store) -> str:

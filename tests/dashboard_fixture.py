@@ -1,8 +1,9 @@
 """A store holding one small but real run, for the dashboard's tests and screenshots.
 
 fill_store(url, run_id) writes what a tiny run leaves behind: a trained 300-token tokenizer; base and sft
-checkpoints of a depth-1 GPT that answers three questions, one with a calculator call; metrics of the base
-and sft phases and of their evaluations; a report; and a run.json whose rl phase failed on both attempts.
+checkpoints of a depth-1 GPT that answers four questions, two with a calculator call; metrics of the base
+and sft phases and of their evaluations; a report; a run.json whose rl phase failed on both attempts; and the
+log of every attempt.
 """
 
 import math
@@ -17,6 +18,7 @@ from jobs.config import load_config
 from jobs.runstore import write_run
 from vibechat.checkpoint_manager import save_checkpoint
 from vibechat.gpt import GPT, GPTConfig
+from vibechat.layout import in_run, log_key
 from vibechat.metrics import MetricsLogger
 from vibechat.report import Report
 from vibechat.storage import open_store
@@ -40,6 +42,8 @@ CONVERSATIONS = [
     ("What is 12 times 7?", [{"type": "text", "text": "Let me compute it: "}, {"type": "python", "text": "12*7"},
                              {"type": "python_output", "text": "84"}, {"type": "text", "text": ". The answer is 84."}]),
     ("Why is the sky blue?", "The sky is blue because air scatters blue light more than red light."),
+    ("What is 7 times 7?", [{"type": "text", "text": "So 7*7="}, {"type": "python", "text": "7*7"},
+                            {"type": "python_output", "text": "49"}, {"type": "text", "text": "49 apples.\n#### 49"}]),
 ]
 
 
@@ -111,6 +115,12 @@ def write_run_json(store, run_id: str, seed: int) -> None:
         clock += 40
         pipeline.mark_failed(run, FAILED_PHASE, RL_ERROR, clock)
     write_run(store, run, None)
+    for phase, p in run.phases.items():  # the output of each attempt, as the controller copies it into the store
+        for attempt in range(1, p.attempt + 1):
+            lines = [f"{phase} attempt {attempt}: step {step}/10 | loss {3 - step / 10:.2f}" for step in range(1, 11)]
+            if phase == FAILED_PHASE:
+                lines.append(RL_ERROR.split(": ", 1)[1])
+            store.put_text(in_run(run_id, log_key(phase, attempt)), "\n".join(lines) + "\n")
 
 
 def fill_store(store_url: str, run_id: str = "tiny-demo", seed: int = 0) -> None:

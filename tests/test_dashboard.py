@@ -49,6 +49,10 @@ def open_app(store_url, monkeypatch, page: str | None = None) -> AppTest:
     return at
 
 
+def chart_titles(at: AppTest) -> list[str]:
+    return [json.loads(chart.proto.spec)["title"] for chart in at.get("vega_lite_chart")]
+
+
 def chart_data(element) -> pd.DataFrame:
     """The rows a chart on the page draws (its dataset, as Arrow IPC)."""
     return pa.ipc.open_stream(io.BytesIO(element.proto.datasets[0].data.data)).read_all().to_pandas()
@@ -108,7 +112,7 @@ def test_a_running_phase_shows_its_duration_so_far():
     pipeline.mark_running(run, "data", 1, "vibechat-live-data-1", 1000.0)
     assert data.is_active(run)
     row = data.phase_table(run, now=1090.0).iloc[0]
-    assert (row["state"], row["duration"]) == ("⏳ running", "1m30s") and pd.isna(row["ended"])
+    assert (row["state"], row["duration"], row["ended"]) == ("⏳ running", "1m30s", "")
 
 
 def test_an_unreadable_run_json_is_a_warning_and_the_other_runs_still_show(store, monkeypatch):
@@ -124,12 +128,9 @@ def test_an_unreadable_run_json_is_a_warning_and_the_other_runs_still_show(store
 
 def test_metrics_page_charts_loss_bpb_lr_throughput_mfu_and_memory(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "metrics_page.py")
-    titles = [m.value for m in at.markdown if m.value.startswith("**")]
-    assert titles == ["**train loss**", "**validation bits per byte**", "**learning rate multiplier**",
-                      "**tokens per second**", "**MFU**", "**peak GPU memory (GiB)**"]
-    charts = at.get("vega_lite_chart")
-    assert len(charts) == 6
-    loss = chart_data(charts[0])
+    assert chart_titles(at) == ["train loss", "validation bits per byte", "learning rate multiplier",
+                                "tokens per second", "MFU", "peak GPU memory"]
+    loss = chart_data(at.get("vega_lite_chart")[0])
     assert len(loss) == 200 and set(loss["run"]) == {"tiny-demo"}
 
 
@@ -143,8 +144,7 @@ def test_metrics_page_charts_against_tokens(filled, monkeypatch):
 def test_metrics_page_shows_another_phase(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "metrics_page.py")
     at.button_group(key="metrics_phase").set_value("sft").run()
-    titles = [m.value for m in at.markdown if m.value.startswith("**")]
-    assert titles == ["**train loss**", "**learning rate multiplier**"]
+    assert chart_titles(at) == ["train loss", "learning rate multiplier"]
 
 
 def test_metrics_page_overlays_the_runs_to_compare(store, monkeypatch):
@@ -171,7 +171,7 @@ def test_a_corrupt_metrics_line_is_skipped_and_counted(store, monkeypatch):
     assert len(chart_data(at.get("vega_lite_chart")[0])) == 200
 
 
-def test_a_100k_row_metrics_file_is_drawn_with_at_most_2000_points(store, monkeypatch):
+def test_a_100k_row_metrics_file_is_drawn_with_at_most_max_points_points(store, monkeypatch):
     rows = [{"step": s, "loss": 3.0 + np.sin(s / 500), "tokens": s * 4096} for s in range(1, 100_001)]
     rows[54_321]["loss"] = 50.0  # a spike must survive the downsampling
     (store / "runs" / "tiny-demo" / "metrics" / "base.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -220,12 +220,13 @@ def test_chat_streams_the_reply_of_the_real_model(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "chat_page.py")
     assert at.caption[0].value.startswith(f"sft model d1, step 60, on {autodetect_device_type()}")
     reply = say(at, "hello there")
-    assert reply == expected_reply(filled, "hello there") == "Hello! I am a tiny vibechat model. How are you today?"
+    assert reply == chat.verbatim(expected_reply(filled, "hello there"))
+    assert reply == "Hello! I am a tiny vibechat model. How are you today?"
 
 
 def test_chat_shows_a_calculator_call_as_its_expression_and_result(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "chat_page.py")
-    assert say(at, "What is 12 times 7?") == "Let me compute it: 🧮 `12*7` → 84. The answer is 84."
+    assert say(at, "What is 12 times 7?") == "Let me compute it: 🧮 `12*7` → `84`. The answer is 84."
 
 
 def test_chat_keeps_the_conversation_and_a_new_one_starts_empty(filled, monkeypatch):
@@ -280,9 +281,16 @@ def test_display_text_shows_a_refused_calculator_call_without_a_result(filled):
 
 
 def test_an_empty_store_says_how_to_start_a_run(tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
     at = open_app(tmp_path / "empty", monkeypatch)
     assert [i.value for i in at.info] == [
         f"No runs yet in {tmp_path / 'empty'} — start one with `python -m jobs.controller start --preset tiny`"]
+
+
+def test_a_store_folder_that_does_not_exist_says_so(tmp_path, monkeypatch):
+    at = open_app(tmp_path / "missing", monkeypatch)
+    assert not at.info and len(at.warning) == 1
+    assert at.warning[0].value.startswith(f"The store folder {tmp_path / 'missing'} does not exist")
 
 
 def test_an_unreachable_store_is_one_message(monkeypatch):
@@ -312,4 +320,4 @@ def test_a_run_in_an_s3_store_shows_and_chats(s3_url, monkeypatch):
     at = open_app(s3_url, monkeypatch)
     assert at.dataframe[0].value["run"].tolist() == ["tiny-demo"]
     at.switch_page("chat_page.py").run()
-    assert say(at, "hello there") == "Hello! I am a tiny vibechat model. How are you today?"
+    assert say(at, "hello there") == chat.verbatim("Hello! I am a tiny vibechat model. How are you today?")

@@ -1,9 +1,10 @@
 """Metrics files: one JSON line per log, readable at once, kept in bounded segments (an S3 append rewrites one)."""
 
 import pytest
+import torch
 
 from vibechat import metrics
-from vibechat.metrics import MetricsLogger, read_metrics, segment_keys
+from vibechat.metrics import MetricsLogger, read_metrics, read_metrics_frame, segment_keys, system_metrics
 from vibechat.storage import open_store
 
 
@@ -65,3 +66,24 @@ def test_other_phases_files_are_not_taken_for_segments(store_url):
     MetricsLogger("base_eval", base_dir=store_url).log(task="x", score=0.5)
     assert segment_keys(open_store(store_url), "metrics/base.jsonl") == ["metrics/base.jsonl"]
     assert read_metrics(open_store(store_url), "metrics/missing.jsonl") == ([], 0)
+
+
+def test_the_frame_reader_gives_every_segments_records_as_columns(store_url, monkeypatch):
+    monkeypatch.setattr(metrics, "SEGMENT_BYTES", 200)
+    logger = MetricsLogger("base", base_dir=store_url)
+    for step in range(1, 21):
+        logger.log(step=step, loss=1.0 / step, **({"val_bpb": 0.5} if step % 10 == 0 else {}))
+    frame, bad = read_metrics_frame(open_store(store_url), "metrics/base.jsonl")
+    assert frame["step"].tolist() == list(range(1, 21)) and bad == 0
+    assert frame["val_bpb"].notna().sum() == 2
+
+
+def test_the_frame_reader_skips_and_counts_a_corrupt_line(store_url):
+    open_store(store_url).put_text("metrics/base.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n[3]\n{"step": 4}\n')
+    frame, bad = read_metrics_frame(open_store(store_url), "metrics/base.jsonl")
+    assert frame["step"].tolist() == [1, 4] and bad == 2
+
+
+def test_system_metrics_on_a_cpu_are_the_hosts_cpu_use():
+    values = system_metrics(torch.device("cpu"))
+    assert set(values) == {"cpu_percent"} and 0 <= values["cpu_percent"] <= 100

@@ -13,6 +13,8 @@ import json
 import os
 import time
 
+import psutil
+
 from vibechat.common import get_base_dir, get_dist_info
 from vibechat.layout import metrics_key
 from vibechat.storage import open_store
@@ -93,6 +95,33 @@ class MetricsLogger:
             if name not in _GAUGES:
                 _GAUGES[name] = Gauge(f"vibechat_{name}", f"latest {name}", ["phase"])
             _GAUGES[name].labels(phase=self.phase).set(value)
+
+
+def system_metrics(device) -> dict[str, float]:
+    """What a training step's record adds about the machine: host CPU use since the last call (% of all cores) and,
+    on CUDA, peak GPU memory (GiB) and the GPU's utilisation (%, through NVML)."""
+    values = {"cpu_percent": psutil.cpu_percent(interval=None)}
+    if device.type == "cuda":
+        import torch
+
+        values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        values["gpu_util"] = float(torch.cuda.utilization(device))
+    return values
+
+
+def read_metrics_frame(store, key: str):
+    """read_metrics as a pandas DataFrame (a column per field), parsed by Arrow's JSON reader: 200,000 lines in a
+    fraction of the time json.loads takes line by line. A file with a corrupt line goes the slow way, line by line."""
+    import pandas as pd
+    import pyarrow as pa
+    import pyarrow.json
+
+    data = b"".join(store.get_bytes(k) for k in segment_keys(store, key))
+    try:
+        return pa.json.read_json(pa.BufferReader(data)).to_pandas(), 0
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # a torn or hand-edited line, or a field changing type
+        records, bad = read_metrics(store, key)
+        return pd.DataFrame.from_records(records), bad
 
 
 def read_metrics(store, key: str) -> tuple[list[dict], int]:
