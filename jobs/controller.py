@@ -28,9 +28,10 @@ from jobs.config import check_phase_args, load_config, preset_names
 from jobs.console import Console
 from jobs.driver import (OVER, Driver, drive_in_background, make_backend, phase_job, phase_log, pick_backend, stop_run,
                          store_flag, store_root)
-from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, owner_id, read_run, write_run
+from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, read_run, write_run
 from vibechat.common import VibechatError, format_duration, get_store_url, run_main
 from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run
+from vibechat.liveness import owner_id
 from vibechat.storage import PreconditionFailed, Store, open_store
 
 
@@ -38,7 +39,6 @@ def report_summary(run: pipeline.RunState, store: Store) -> None:
     key = in_run(run.run_id, REPORT_FILE)
     print(f"\nreport:    {store.uri(key)}" + ("" if store.exists(key) else " (not written)"))
     print(f"dashboard: VIBECHAT_STORE={store_root(store)} streamlit run dashboard/app.py")
-
 
 
 def cmd_start(args) -> int:

@@ -7,7 +7,6 @@ while it holds the lease written in run.json, renewed as it goes, so two control
 """
 
 import json
-import os
 import re
 import socket
 import time
@@ -16,7 +15,6 @@ from jobs import pipeline
 from jobs.config import ConfigError, complete, validate
 from vibechat.common import VibechatError
 from vibechat.layout import RUN_FILE, RUNS_DIR, in_run, run_dir, run_ids
-from vibechat.liveness import owner_id  # noqa: F401 (controllers and phases name themselves alike)
 from vibechat.storage import PreconditionFailed, Store
 
 LEASE_SECONDS = 60  # a controller that stops renewing loses its run after this long
