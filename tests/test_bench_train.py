@@ -53,6 +53,14 @@ def test_a_total_batch_that_is_not_a_multiple_of_the_micro_batch_is_refused():
               "--compile=off", "--device=cpu", "--total-batch-size=100"])
 
 
+def test_an_unknown_device_is_one_clear_error():
+    from vibechat.common import VibechatError
+
+    with pytest.raises(VibechatError, match="unknown device 'nope'.*use cuda, cpu or mps"):
+        main(["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--vocab-size=256", "--steps=1",
+              "--device=nope"])
+
+
 def test_fp8_on_a_cpu_is_one_clear_error_not_a_fallback():
     from vibechat.common import VibechatError
 

@@ -133,6 +133,8 @@ def compute_init(device_type: str | None = None) -> tuple[bool, int, int, int, t
     import torch.distributed as dist
 
     device_type = device_type or os.environ.get("VIBECHAT_DEVICE") or autodetect_device_type()
+    if device_type not in ("cuda", "cpu", "mps"):
+        raise VibechatError(f"unknown device {device_type!r} (--device or $VIBECHAT_DEVICE): use cuda, cpu or mps")
     if device_type == "cuda" and not torch.cuda.is_available():
         raise VibechatError("device 'cuda' was asked for but no CUDA GPU is visible: use --device cpu")
     torch.manual_seed(42)
