@@ -49,14 +49,20 @@ def bench_loader(tokenizer, B: int, T: int, threads: int, steps: int, device: st
     return steps * inputs.numel() / (time.perf_counter() - t0)
 
 
+def positive_ints(text: str) -> list[int]:
+    """argparse type of a comma-separated list of counts: 4096,16384."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Tokenizer training and data loader throughput on this machine.")
-    parser.add_argument("--vocab-sizes", default="4096,16384", help="comma-separated vocabulary sizes to train")
+    parser.add_argument("--vocab-sizes", type=positive_ints, default="4096,16384",
+                        help="comma-separated vocabulary sizes to train")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="B of the loader")
     parser.add_argument("--seq-len", type=positive_int, default=2048, help="T of the loader")
-    parser.add_argument("--threads", default="1,2,4", help="comma-separated tokenizer_threads to try")
+    parser.add_argument("--threads", type=positive_ints, default="1,2,4", help="comma-separated tokenizer_threads to try")
     parser.add_argument("--steps", type=positive_int, default=20, help="batches timed per loader setting")
-    parser.add_argument("--device", default="cpu", help="where the loader puts batches: cpu or cuda")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the loader puts batches")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="vibechat-bench-") as store_dir:
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace) -> None:
     print0(f"pydocs train split: {len(texts):,} documents, {sum(map(len, texts)):,} chars "
            f"(built in {time.perf_counter() - t0:.1f}s); {os.cpu_count()} CPU cores; torch {torch.__version__}")
 
-    rows, tokenizer = bench_training(texts, [int(v) for v in args.vocab_sizes.split(",")])
+    rows, tokenizer = bench_training(texts, args.vocab_sizes)
     print0("\n| trainer | vocab | chars | seconds | chars/s |\n|---|---:|---:|---:|---:|")
     for name, vocab, chars, seconds, rate in rows:
         print0(f"| {name} | {vocab} | {chars:,} | {seconds:.2f} | {rate / 1e6:.2f}M |")
@@ -80,7 +86,7 @@ def run(args: argparse.Namespace) -> None:
     print0(f"\nloader: B={args.batch_size} T={args.seq_len}, vocab {tokenizer.get_vocab_size()} "
            f"({chars_per_token:.2f} chars/token), device {args.device}")
     print0("| tokenizer_threads | tokens/s | vs one H100 at d20 (140K tokens/s) |\n|---:|---:|---:|")
-    for threads in [int(t) for t in args.threads.split(",")]:
+    for threads in args.threads:
         rate = bench_loader(tokenizer, args.batch_size, args.seq_len, threads, args.steps, args.device)
         print0(f"| {threads} | {rate / 1e3:,.0f}K | {rate / H100_D20_TOKENS_PER_S:.1f}x |")
 
