@@ -29,7 +29,7 @@ from jobs.console import Console
 from jobs.driver import (OVER, Driver, drive_in_background, make_backend, phase_job, phase_log, pick_backend, stop_run,
                          store_flag, store_root)
 from jobs.runstore import LeaseHeld, check_run_id, claim, create_run, list_run_ids, read_run, write_run
-from vibechat.common import VibechatError, format_duration, get_store_url, run_main
+from vibechat.common import VibechatError, format_duration, get_store_url, positive_float, positive_int, run_main
 from vibechat.layout import REPORT_FILE, checkpoint_dir, in_run
 from vibechat.liveness import owner_id
 from vibechat.storage import PreconditionFailed, Store, open_store
@@ -284,9 +284,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = command("logs", cmd_logs, "print the output of a phase")
     c.add_argument("run_id", metavar="RUN")
     c.add_argument("phase", metavar="PHASE", help=", ".join(pipeline.PHASES))
-    c.add_argument("--attempt", type=int, help="which attempt (default: the latest)")
+    c.add_argument("--attempt", type=positive_int, help="which attempt (default: the latest)")
     c = command("serve", cmd_serve, "drive every unfinished run in the store (the in-cluster controller)")
-    c.add_argument("--interval", type=float, default=10.0,
+    c.add_argument("--interval", type=positive_float, default=10.0,
                    help="most seconds between passes over the runs (a PyTorchJob change starts one at once)")
     c.add_argument("--http-port", type=int, default=8080, help="port of /healthz and /metrics (default 8080)")
     c.add_argument("--backend", choices=["kubernetes", "local"], default="kubernetes",

@@ -466,6 +466,16 @@ def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, exis
     assert list_run_ids(open_store(store_url)) == ["r"]
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["serve", "--interval", "0"], "--interval: 0 must be above 0"),
+    (["serve", "--interval", "soon"], "--interval: 'soon' is not a number"),
+    (["logs", "r", "base", "--attempt", "0"], "--attempt: 0 must be at least 1"),
+])
+def test_bad_flag_values_are_one_usage_error(argv, message, store_url, capsys):
+    code, _, err = run_controller_here(argv + ["--store", store_url], capsys)
+    assert code == 2 and message in err
+
+
 @pytest.mark.parametrize("text, message", [
     ("base: {args: {num_iterations: 0}}", "phases.base.args: argument --num-iterations: 0 is not a number of steps: "
                                           "give at least 1, or -1 to derive the count"),

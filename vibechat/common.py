@@ -42,6 +42,17 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def positive_float(text: str) -> float:
+    """argparse type of a duration or rate that must be above 0; else a one-line usage error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0")
+    return value
+
+
 AUTO_STEPS = -1  # --num-iterations: derive the step count from the data (or epochs)
 
 
