@@ -15,7 +15,6 @@ Under a run's folder:
     export/hf/                              the last stage's model as a transformers folder (jobs.export)
     logs/<phase>-<attempt>.log              the output of each attempt of a phase
     live/<phase>-<attempt>.json             whether the attempt's process is alive (vibechat.liveness)
-    export/hf/                              the last stage as a transformers NanoChat folder (jobs.export)
 """
 
 import re
