@@ -7,7 +7,9 @@ The dataset defaults to $VIBECHAT_DATASET, else pydocs; the store is $VIBECHAT_S
 """
 
 from vibechat.common import run_main
-from vibechat.dataset import main, parse_args  # noqa: F401 (parse_args: the controller checks a run's args)
+from vibechat.dataset import main, parse_args
+
+__all__ = ["main", "parse_args"]  # parse_args: the controller checks a run's args with it
 
 if __name__ == "__main__":
     run_main(main)

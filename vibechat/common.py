@@ -12,6 +12,10 @@ import logging
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for the annotations only: importing torch here would slow every start
+    import torch
 
 logger = logging.getLogger("vibechat")
 
