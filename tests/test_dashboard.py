@@ -158,8 +158,13 @@ def test_metrics_page_overlays_the_runs_to_compare(store, monkeypatch):
 def test_metrics_page_shows_the_eval_scores_of_each_stage(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "metrics_page.py")
     scores = at.dataframe[0].value
-    assert scores.loc[("tiny-demo", "CORE"), "base"] == pytest.approx(0.061)
-    assert scores.loc[("tiny-demo", "MMLU"), "sft"] == pytest.approx(0.27)
+    assert scores.loc[("tiny-demo", "CORE"), "base"] == "0.0610"
+    assert scores.loc[("tiny-demo", "MMLU"), "sft"] == "0.2700"
+
+
+def test_a_stage_that_did_not_score_a_task_shows_a_blank_cell_not_none(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "metrics_page.py")
+    assert at.dataframe[0].value.loc[("tiny-demo", "CORE"), "sft"] == ""
 
 
 def test_a_corrupt_metrics_line_is_skipped_and_counted(store, monkeypatch):
