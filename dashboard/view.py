@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import streamlit as st
 
 # widgets whose values a visit to another page must not reset (Streamlit forgets a widget not drawn in a run)
-KEPT = ("run_id", "compare_with", "metrics_phase", "metrics_x", "smoothing", "log_y", "chat_source",
-        "chat_model_tag", "chat_step", "chat_temperature", "chat_top_k", "logs_phase", "logs_attempt")
+KEPT = ("run_id", "compare_with", "metrics_phase", "metrics_x", "smoothing", "log_y", "chat_source", "chat_model_tag",
+        "chat_server_model", "chat_step", "chat_temperature", "chat_top_k", "logs_phase", "logs_attempt")
 
 
 def keep() -> None:

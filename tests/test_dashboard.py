@@ -1,9 +1,11 @@
 """The dashboard, headless (streamlit's AppTest), on stores that dashboard_fixture fills with a small real run."""
 
+import http.server
 import io
 import json
 import os
 import shutil
+import threading
 
 import numpy as np
 import pandas as pd
@@ -326,3 +328,70 @@ def test_a_run_in_an_s3_store_shows_and_chats(s3_url, monkeypatch):
     assert at.dataframe[0].value["run"].tolist() == ["tiny-demo"]
     at.switch_page("chat_page.py").run()
     assert say(at, "hello there") == chat.verbatim("Hello! I am a tiny vibechat model. How are you today?")
+
+
+# --- chat through a chat server (VIBECHAT_SERVE_URL) ----------------------------------------------------
+
+SERVER_CHUNKS = ["So 7*7=", "<|python_start|>7*7<|python_end|>", "<|output_start|>49<|output_end|>", "49 apples."]
+
+
+@pytest.fixture
+def chat_server():
+    """A stand-in for `python -m jobs.chat_server` on loopback: GET /v1/models, and POST /v1/chat/completions
+    streaming SERVER_CHUNKS as OpenAI's chunks (server-sent events) up to data: [DONE]; the bodies posted."""
+    posted = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self._send(200, "application/json", json.dumps({"object": "list", "data": [{"id": "tiny-demo/sft"}]}))
+
+        def do_POST(self):
+            posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            chunks = [{"choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]} for c in SERVER_CHUNKS]
+            self._send(200, "text/event-stream", "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
+                       + "data: [DONE]\n\n")
+
+        def _send(self, status, content_type, body):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body.encode())))
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", posted
+    server.shutdown()
+    server.server_close()
+
+
+def test_chat_streams_the_reply_of_the_configured_chat_server(filled, chat_server, monkeypatch):
+    serve_url, posted = chat_server
+    monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    assert at.caption[0].value == f"tiny-demo/sft, served by {serve_url}"
+    assert say(at, "What is 7 times 7?") == "So 7\\*7= 🧮 `7*7` → `49` 49 apples."
+    assert posted[0]["stream"] is True and posted[0]["model"] == "tiny-demo/sft"
+    assert posted[0]["messages"] == [{"role": "user", "content": "What is 7 times 7?"}]
+
+
+def test_the_next_turn_sends_the_whole_conversation_to_the_chat_server(filled, chat_server, monkeypatch):
+    serve_url, posted = chat_server
+    monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    say(at, "What is 7 times 7?")
+    say(at, "And 8 times 8?")
+    assert [m["role"] for m in posted[1]["messages"]] == ["user", "assistant", "user"]
+    assert posted[1]["messages"][1]["content"] == "".join(SERVER_CHUNKS)
+
+
+def test_an_unreachable_chat_server_is_one_message(filled, monkeypatch):
+    serve_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    assert [e.value for e in at.error] == [
+        f"cannot reach the chat server at {serve_url} (ConnectionError): check VIBECHAT_SERVE_URL and that "
+        "`python -m jobs.chat_server` runs there"]
