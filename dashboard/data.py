@@ -31,7 +31,7 @@ NOT_METRICS = {"step", "tokens", "time", "dt"}  # axes and bookkeeping, not char
 
 @st.cache_resource(show_spinner=False)
 def store(url: str) -> Store:
-    return open_store(url)
+    return open_store(url, patience=5)  # a page says at once that the store is down; phases ride outages out
 
 
 @st.cache_data(ttl=REFRESH_SECONDS, show_spinner=False)

@@ -18,7 +18,7 @@ from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args
                         save_training_checkpoint, start_phase)
 from jobs.training import (grad_accumulation, lr_multiplier, make_optimizers, peak_flops, set_schedules,
                            train_step)
-from vibechat.common import VibechatError, positive_int, print0, run_main, synchronize
+from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto, synchronize
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger, system_metrics
 
@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--depth", type=int, default=20, help="transformer layers; width = 64 x depth (default 20)")
     p.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length in tokens")
     p.add_argument("--device-batch-size", type=positive_int, default=32, help="sequences per forward pass per rank")
-    p.add_argument("--num-iterations", type=int, default=-1,
+    p.add_argument("--num-iterations", type=steps_or_auto, default=-1,
                    help="optimizer steps; -1 derives them from --target-param-data-ratio (Chinchilla)")
     p.add_argument("--target-param-data-ratio", type=float, default=20.0, help="training tokens per parameter")
     p.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear LR warm-up")

@@ -26,7 +26,7 @@ from jobs.phase import (add_training_args, check_loss, end_phase, eval_due, load
                         restore_training_state, save_due, save_training_checkpoint, start_phase)
 from jobs.training import collate, global_sum, make_optimizers, set_lr, step_optimizers
 from tasks.registry import get_task
-from vibechat.common import VibechatError, positive_int, print0, run_main
+from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto
 from vibechat.engine import Engine
 from vibechat.metrics import MetricsLogger, system_metrics
 
@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the training questions")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: from --num-epochs")
+    p.add_argument("--num-iterations", type=steps_or_auto, default=-1, help="optimizer steps; -1: from --num-epochs")
     p.add_argument("--eval-every", type=int, default=60, help="steps between pass@k evaluations")
     p.add_argument("--eval-examples", type=int, default=400, help="held-out questions per evaluation")
     p.add_argument("--eval-samples", type=int, default=8, help="k of pass@k: answers sampled per held-out question")

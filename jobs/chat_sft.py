@@ -25,7 +25,7 @@ from jobs.phase import (ResumableBatches, add_training_args, check_loss, end_pha
                         progress_line, restore_training_state, save_due, save_training_checkpoint, start_phase)
 from jobs.training import (add_tasks_arg, collate, global_sum, make_optimizers, set_lr, step_optimizers,
                            task_mixture)
-from vibechat.common import VibechatError, positive_int, print0, run_main
+from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto
 from vibechat.metrics import MetricsLogger, system_metrics
 
 OFFLINE_SFT_TASKS = "multiple-choice-standin,arithmetic-standin,conversations-standin,identity," \
@@ -43,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--target-examples-per-step", type=int, default=32,
                    help="conversations per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--num-epochs", type=int, default=1, help="passes over the mixture (when --num-iterations is -1)")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps; -1: from --num-epochs")
+    p.add_argument("--num-iterations", type=steps_or_auto, default=-1, help="optimizer steps; -1: from --num-epochs")
     p.add_argument("--eval-every", type=int, default=100, help="steps between validation loss evaluations")
     p.add_argument("--eval-steps", type=int, default=100, help="batches per validation loss evaluation")
     add_training_args(p, save_every=500, init_lr_frac=0.02)

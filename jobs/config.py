@@ -1,18 +1,22 @@
 """The one config loader: a preset from jobs/presets/<name>.yaml, with a user YAML merged over it.
 
 A config says, for each phase, which program runs (`module`), its flags (`args`, a free-form
-mapping each program validates itself: {num_iterations: 20} -> --num-iterations=20), whether it
-is skipped, and how big its job is on Kubernetes (nnodes, nproc_per_node, gpus_per_node). Every
-other key is checked here: an unknown one is an error that lists the valid ones.
+mapping: {num_iterations: 20} -> --num-iterations=20), whether it is skipped, and how big its job
+is on Kubernetes (nnodes, nproc_per_node, gpus_per_node). Every other key is checked here: an
+unknown one is an error that lists the valid ones. check_phase_args parses each phase's flags with
+its program's own parse_args before a run starts, so a bad flag fails the start, not a later phase.
 """
 
+import contextlib
 import copy
 import difflib
+import importlib
+import io
 import os
 
 import yaml
 
-from jobs.pipeline import PHASE_PROGRAMS, PHASES
+from jobs.pipeline import PHASE_PROGRAMS, PHASES, phase_argv
 from vibechat.common import VibechatError
 
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
@@ -145,3 +149,31 @@ def load_config(preset: str, config_file: str | None = None) -> dict:
         config = merge(config, user)
         where += f" with {config_file}"
     return complete(config, where)
+
+
+def check_phase_args(config: dict, where: str) -> None:
+    """Every phase that will run names an importable program, and its args parse with the program's parse_args
+    (a program without one, say a user's, gets its args unchecked); ConfigError names the phase and the flag."""
+    for name in PHASES:
+        phase = config["phases"][name]
+        if phase["skip"]:
+            continue
+        module = phase["module"]
+        try:
+            program = importlib.import_module(module)
+        except ImportError as e:
+            raise ConfigError(f"{where}: phases.{name}.module {module!r} cannot be imported ({e}): name a module "
+                              "on the Python path, e.g. " + PHASE_PROGRAMS[name][0]) from None
+        parse_args = getattr(program, "parse_args", None)
+        if parse_args is None:
+            continue
+        usage = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(usage), contextlib.redirect_stdout(usage):
+                parse_args(phase_argv(name, phase["args"]))
+        except SystemExit:  # argparse's error: the last line is "prog: error: what"
+            lines = usage.getvalue().strip().splitlines() or ["(no message)"]
+            problem = lines[-1].split("error: ", 1)[-1]
+            raise ConfigError(f"{where}: phases.{name}.args: {problem} (see python -m {module} --help)") from None
+        except VibechatError as e:
+            raise ConfigError(f"{where}: phases.{name}.args: {e}") from None

@@ -22,7 +22,7 @@ import sys
 import time
 
 from jobs import pipeline
-from jobs.config import load_config, preset_names
+from jobs.config import check_phase_args, load_config, preset_names
 from jobs.console import Console
 from jobs.driver import (OVER, Driver, drive_in_background, make_backend, phase_job, phase_log, pick_backend, stop_run,
                          store_flag, store_root)
@@ -42,7 +42,8 @@ def report_summary(run: pipeline.RunState, store: Store) -> None:
 def cmd_start(args) -> int:
     store = open_store(args.store)
     config = load_config(args.preset, args.config)
-    if args.run_id:
+    check_phase_args(config, f"preset {args.preset}" + (f" with {args.config}" if args.config else ""))
+    if args.run_id is not None:  # "" too: an empty --run-id is a mistake, not a request for a generated one
         check_run_id(args.run_id)
     backend, why = pick_backend(args.backend, store)
     owner = None if args.detach else owner_id()
@@ -87,7 +88,8 @@ def cmd_resume(args) -> int:
     while True:
         run, version = read_run(store, args.run_id)
         if pipeline.run_status(run) == pipeline.SUCCEEDED and not args.from_phase:
-            print(f"run {run.run_id} has succeeded already; `resume {run.run_id} --from PHASE` redoes a phase")
+            print(f"run {run.run_id} has succeeded already; `resume {run.run_id} --from PHASE` runs a phase "
+                  "and those after it again")
             return 0
         claim(run, owner, time.time())  # before anything changes: a live driver keeps its run
         backend = make_backend(run, store)
@@ -238,7 +240,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c = command("resume", cmd_resume, "go on with a run that failed, was stopped, or lost its controller")
     c.add_argument("run_id", metavar="RUN")
     c.add_argument("--from", dest="from_phase", metavar="PHASE",
-                   help=f"redo this phase and all after it ({', '.join(pipeline.PHASES)})")
+                   help="run this phase and every one after it again; a training phase that has checkpoints "
+                        "continues from its newest (delete runs/RUN/checkpoints/<phase>/ to train it from scratch); "
+                        f"phases: {', '.join(pipeline.PHASES)}")
     c = command("stop", cmd_stop, "cancel a run and stop its running job")
     c.add_argument("run_id", metavar="RUN")
     c = command("logs", cmd_logs, "print the output of a phase")

@@ -7,7 +7,7 @@ The dataset defaults to $VIBECHAT_DATASET, else pydocs; the store is $VIBECHAT_S
 """
 
 from vibechat.common import run_main
-from vibechat.dataset import main
+from vibechat.dataset import main, parse_args  # noqa: F401 (parse_args: the controller checks a run's args)
 
 if __name__ == "__main__":
     run_main(main)

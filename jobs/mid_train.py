@@ -24,7 +24,7 @@ from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args
                         save_training_checkpoint, start_phase)
 from jobs.training import (add_tasks_arg, grad_accumulation, lr_multiplier, make_optimizers, set_schedules,
                            task_mixture, train_step)
-from vibechat.common import positive_int, print0, run_main, synchronize
+from vibechat.common import positive_int, print0, run_main, steps_or_auto, synchronize
 from vibechat.metrics import MetricsLogger, system_metrics
 
 OFFLINE_MID_TASKS = "conversations-standin,multiple-choice-standin,arithmetic-standin,identity,identity," \
@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="row length in tokens (default: the model's context)")
     p.add_argument("--device-batch-size", type=positive_int, default=32, help="rows per forward pass per rank")
-    p.add_argument("--num-iterations", type=int, default=-1,
+    p.add_argument("--num-iterations", type=steps_or_auto, default=-1,
                    help="optimizer steps; -1: one pass over the mixture (estimated from a sample of it)")
     p.add_argument("--warmdown-ratio", type=float, default=0.2, help="fraction of steps of linear LR decay to zero")
     p.add_argument("--eval-every", type=int, default=150, help="steps between validation bpb evaluations")

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 from vibechat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
-                                         load_optimizer_state, save_checkpoint)
-from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir, print0,
-                             print_banner)
+                                         load_optimizer_state, prune_checkpoints, save_checkpoint)
+from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir,
+                             get_dist_info, nonnegative_int, print0, print_banner)
 from vibechat.gpt import GPT
 from vibechat.layout import checkpoint_dir, join
 from vibechat.loss_eval import evaluate_bpb
@@ -51,6 +51,9 @@ def add_training_args(p: argparse.ArgumentParser, save_every: int, init_lr_frac:
                        help="peak LR as a fraction of the LRs above")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--save-every", type=int, default=save_every, help="steps between checkpoints (and one at the end)")
+    p.add_argument("--keep-last", type=nonnegative_int, default=2,
+                   help="checkpoints kept, the newest ones (the last is the final step's); older ones are deleted "
+                        "after each save; 0 keeps all (default 2: one to resume from and one to fall back to)")
     p.add_argument("--log-every", type=int, default=1, help="steps between progress lines and metric records")
     add_device_args(p)
 
@@ -175,6 +178,10 @@ def save_training_checkpoint(checkpoint_dir: str, step: int, model: GPT, optimiz
                  "world_size": world_size, **meta}
     save_checkpoint(checkpoint_dir, step, model.state_dict(), training_state(optimizers, loader_state), meta_data)
     print0(f"saved checkpoint step {step} to {checkpoint_dir}")
+    if get_dist_info()[1] == 0:
+        pruned = prune_checkpoints(checkpoint_dir, args.keep_last)
+        if pruned:
+            print0(f"deleted checkpoint step {', '.join(map(str, pruned))} (--keep-last {args.keep_last})")
 
 
 class ResumableBatches:

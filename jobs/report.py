@@ -12,13 +12,18 @@ from vibechat.layout import REPORT_DIR, join
 from vibechat.report import DEFAULT_GPU_HOUR_COST, Report
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu-hour-cost", type=float, default=DEFAULT_GPU_HOUR_COST,
                    help=f"dollars per GPU-hour for the cost estimate (default {DEFAULT_GPU_HOUR_COST})")
     args = p.parse_args(argv)
     if not args.gpu_hour_cost >= 0:
         raise VibechatError(f"--gpu-hour-cost {args.gpu_hour_cost} is not a price: give dollars per GPU-hour, >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     print(Report(join(get_base_dir(), REPORT_DIR)).generate(gpu_hour_cost=args.gpu_hour_cost), flush=True)
 
 

@@ -79,7 +79,7 @@ def create_run(store: Store, preset: str, config: dict, backend: str, run_id: st
                owner: str | None) -> pipeline.RunState:
     """Write the run.json of a new run, leased to `owner` if given."""
     now = time.time()
-    run_id = run_id or new_run_id(now)
+    run_id = new_run_id(now) if run_id is None else run_id
     check_run_id(run_id)
     run = pipeline.new_run(run_id, preset, config, backend, now)
     if owner:

@@ -43,11 +43,15 @@ def compression_table(tokenizer, texts: list[str]) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Compression of the run's tokenizer on val text, vs GPT-2/GPT-4.")
     parser.add_argument("--max-docs", type=positive_int, default=1000, help="val documents to encode")
     parser.add_argument("--dataset", default=None, choices=DATASETS, help="default: $VIBECHAT_DATASET or pydocs")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     texts = val_texts(dataset_name(args.dataset), args.max_docs)
     rows = compression_table(get_tokenizer(), texts)
     print0(f"{'tokenizer':<10} {'vocab':>8} {'bytes':>10} {'tokens':>10} {'bytes/token':>12}")

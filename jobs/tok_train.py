@@ -28,13 +28,17 @@ def training_texts(dataset: str, max_chars: int, doc_cap: int, stats: dict) -> I
                 return
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train the run's tokenizer (rustbpe) on the store's train shards.")
     parser.add_argument("--vocab-size", type=positive_int, default=65536, help="tokens, special tokens included")
     parser.add_argument("--max-chars", type=positive_int, default=2_000_000_000, help="train on at most this much text")
     parser.add_argument("--doc-cap", type=positive_int, default=10_000, help="use at most this many chars of a doc")
     parser.add_argument("--dataset", default=None, choices=DATASETS, help="default: $VIBECHAT_DATASET or pydocs")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     dataset = dataset_name(args.dataset)
 
     stats = {"docs": 0, "chars": 0}

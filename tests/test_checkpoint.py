@@ -1,12 +1,14 @@
 """Checkpoints through the store: round trips, the meta commit mark, clear errors on bad files."""
 
 import json
+import os
 
 import pytest
 import torch
 
 from tests.model_fixtures import tiny_model
-from vibechat.checkpoint_manager import build_model, find_largest_model, find_last_step, load_checkpoint, save_checkpoint
+from vibechat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
+                                         prune_checkpoints, save_checkpoint)
 from vibechat.common import VibechatError
 from vibechat.storage import open_store
 
@@ -113,6 +115,19 @@ def test_a_meta_file_of_any_broken_shape_is_one_error_naming_it(tmp_path, conten
     (tmp_path / "meta_000001.json").write_bytes(content)
     with pytest.raises(VibechatError, match=f"meta_000001.json {problem}"):
         load_checkpoint(str(tmp_path), 1, "cpu")
+
+
+def test_pruning_keeps_the_newest_committed_steps_and_removes_older_leftovers(tmp_path):
+    model, optimizers = _trained()
+    for step in (1, 2, 3):
+        _save(str(tmp_path), step, model, optimizers)
+    (tmp_path / "model_000000.pt").write_bytes(b"a save killed before its meta")
+    (tmp_path / "model_000004.pt").write_bytes(b"a save in progress")
+    assert prune_checkpoints(str(tmp_path), keep_last=2) == [1]
+    assert sorted(os.listdir(tmp_path)) == ["meta_000002.json", "meta_000003.json", "model_000002.pt",
+                                            "model_000003.pt", "model_000004.pt", "optim_000002_rank0.pt",
+                                            "optim_000003_rank0.pt"]
+    assert prune_checkpoints(str(tmp_path), keep_last=0) == []
 
 
 def test_checkpoint_from_another_architecture_is_a_clear_error(tmp_path):

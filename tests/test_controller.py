@@ -188,6 +188,11 @@ def test_resume_from_a_phase_says_its_checkpoints_are_kept(resumed_run):
     assert "note: checkpoints of report are kept" in resumed_run[1].stdout
 
 
+def test_resume_help_says_what_from_does_with_checkpoints(store_url):
+    helped = controller("resume", "--help", store=store_url).stdout
+    assert "a training phase that has checkpoints continues from its newest" in " ".join(helped.split())
+
+
 def test_logs_shows_an_earlier_attempt_of_a_phase(resumed_run, capsys):
     store_url, _ = resumed_run
     code, logs, _ = run_controller_here(["logs", "again", "report", "--attempt", "1", "--store", store_url], capsys)
@@ -200,19 +205,27 @@ def test_list_shows_each_run_with_its_preset_and_status(resumed_run, capsys):
     assert code == 0 and re.search(r"^again\s+ci\s+succeeded", listing, re.M), listing
 
 
-def test_a_failing_phase_is_retried_then_fails_the_run_and_resume_goes_on(store_url, tmp_path):
+def failed_run(store_url, tmp_path) -> subprocess.CompletedProcess:
+    """Start run `fl`, whose base phase fails on its first two starts: with two attempts allowed, the run fails."""
     config = fake_config(tmp_path, phases=("data", "base"), args={"base": {"fail_starts": 2}}, max_attempts=2)
-    r = controller("start", "--preset", "ci", "--config", config, "--run-id", "fl", store=store_url)
+    return controller("start", "--preset", "ci", "--config", config, "--run-id", "fl", store=store_url)
+
+
+def test_a_failing_phase_is_retried_then_fails_the_run(store_url, tmp_path):
+    r = failed_run(store_url, tmp_path)
     assert r.returncode == 1 and "run fl failed at phase base" in r.stdout
     run = run_json(store_url, "fl")
     assert run.phases["base"].state == "failed" and run.phases["base"].attempt == 2
     assert run.phases["base"].error == "exit code 2: error: fake base failing on purpose (start 2)"
 
+
+def test_resume_after_a_failure_retries_the_failed_phase_and_redoes_no_succeeded_one(store_url, tmp_path):
+    failed_run(store_url, tmp_path)
     r = controller("resume", "fl", store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
     run = run_json(store_url, "fl")
     assert run.phases["base"].state == "succeeded" and run.phases["base"].attempt == 3
-    assert len(trail(store_url, "fl", "data", "starts")) == 1  # a succeeded phase is never redone
+    assert len(trail(store_url, "fl", "data", "starts")) == 1
 
 
 # --- controllers that die, race, or are stopped --------------------------------------------------
@@ -265,20 +278,29 @@ def test_a_job_that_died_with_its_controller_is_retried_and_continues_from_its_c
     assert len(trail(store_url, "crash", "base", "completions")) == 1
 
 
-def test_stop_cancels_a_detached_run_and_its_job_and_resume_continues_it(store_url, tmp_path):
+def stopped_run(store_url, tmp_path) -> tuple[subprocess.CompletedProcess, Path]:
+    """Start run `st` detached, stop it while its base phase waits at step 1; (the stop's outcome, the gate that
+    lets the phase go on)."""
     gate = tmp_path / "gate"
     config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
     r = controller("start", "--preset", "ci", "--config", config, "--run-id", "st", "--detach", store=store_url)
     assert r.returncode == 0 and "driving run st in the background" in r.stdout
     wait_for(lambda: checkpoint_step(store_url, "st", "base") >= 1, "base to be mid-way")
+    return controller("stop", "st", store=store_url), gate
 
-    r = controller("stop", "st", store=store_url)
+
+def test_stop_cancels_a_detached_run_and_its_job(store_url, tmp_path):
+    r, _ = stopped_run(store_url, tmp_path)
     assert r.returncode == 0 and "stopping vibechat-st-base-1" in r.stdout
     run = run_json(store_url, "st")
     assert pipeline.run_status(run) == "cancelled" and run.phases["base"].state == "cancelled"
     assert not group_alive(job_pid(store_url, "st", "base", 1))
     wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
 
+
+def test_resume_after_a_stop_continues_from_the_phase_checkpoint(store_url, tmp_path):
+    _, gate = stopped_run(store_url, tmp_path)
+    wait_for(lambda: run_json(store_url, "st").lease is None, "the detached controller to let go")
     gate.touch()
     r = controller("resume", "st", store=store_url)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -322,6 +344,22 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
     assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
 
 
+def test_a_10_second_s3_outage_mid_phase_is_ridden_out_without_a_resume(own_s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    url = "s3://own/vibechat"
+    config = fake_config(tmp_path, phases=("base",), args={"base": {"steps": 20, "sleep": 0.5}})
+    proc = controller_bg("start", "--preset", "ci", "--config", config, "--run-id", "outage", store=url,
+                         out=tmp_path / "out")
+    wait_for(lambda: checkpoint_step(url, "outage", "base") >= 2, "base to be mid-way")
+    own_s3.stop()
+    time.sleep(10)  # the phase writes a checkpoint every 0.5 s and the controller reads run.json every tick
+    own_s3.start()
+    assert proc.wait(timeout=240) == 0, (tmp_path / "out").read_text()
+    run = run_json(url, "outage")
+    assert run.phases["base"].attempt == 1 and run.phases["base"].failures == 0
+    assert len(trail(url, "outage", "base", "completions")) == 1
+
+
 # --- bad input: one clear error each, exit code 2, run.json intact ------------------------------
 
 @pytest.fixture
@@ -345,6 +383,7 @@ def typo_config(tmp_path) -> str:
     (["start", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
     (["start", "--store", "ftp://host/x"], "unknown scheme 'ftp'"),
     (["start", "--run-id", "Bad_Id"], "run id 'Bad_Id' is not usable"),
+    (["start", "--run-id", ""], "run id '' is not usable"),
     (["start", "--run-id", "r"], "run 'r' already exists"),
     (["start", "--backend", "kubernetes"], "--backend kubernetes needs an s3:// store"),
     (["status", "nope"], "no run 'nope' in store"),
@@ -362,6 +401,34 @@ def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, exis
     assert message in err
     assert open_store(store_url).get_bytes("runs/r/run.json") == existing_run
     assert list_run_ids(open_store(store_url)) == ["r"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base: {args: {num_iterations: 0}}", "phases.base.args: argument --num-iterations: 0 is not a number of steps: "
+                                          "give at least 1, or -1 to derive the count"),
+    ("rl: {args: {num_iterations: -5}}", "phases.rl.args: argument --num-iterations: -5 is not a number of steps"),
+    ("base: {args: {depth: four}}", "phases.base.args: argument --depth: invalid int value: 'four'"),
+    ("sft: {args: {learning_rate: 0.1}}", "phases.sft.args: unrecognized arguments: --learning-rate=0.1"),
+    ("data: {args: {shards: 2}}", "phases.data.args: unrecognized arguments: --shards=2"),
+    ("report: {args: {gpu_hour_cost: -1}}", "phases.report.args: --gpu-hour-cost -1.0 is not a price"),
+    ("sft: {module: mylab.my_sft}", "phases.sft.module 'mylab.my_sft' cannot be imported (No module named 'mylab')"),
+])
+def test_a_phase_argument_its_program_rejects_fails_the_start_before_any_phase_runs(text, message, store_url,
+                                                                                      tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("phases: {" + text + "}\n")
+    code, _, err = run_controller_here(["start", "--preset", "ci", "--config", str(path), "--store", store_url],
+                                       capsys)
+    assert code == 2 and err.startswith(f"error: preset ci with {path}: {message}") and err.count("\n") == 1, err
+    assert not os.path.exists(store_url)  # no run, no job: nothing was written
+
+
+def test_status_into_a_closed_pipe_ends_quietly_like_other_tools(store_url, existing_run):
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.controller", "status", "r", "--store", store_url], cwd=REPO,
+                            env=controller_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # as `| head -1` does once it has its line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE and err == ""
 
 
 def test_a_run_whose_folder_was_deleted_is_a_clear_error(store_url, existing_run, capsys):
@@ -396,6 +463,13 @@ def test_step_lines_become_one_progress_line_with_an_eta_and_other_lines_pass_th
         "  base | step 10/100 (10%) | loss 4.5000 | tok/s 1,200",
         "  base | step 20/100 (20%) | loss 4.0000 | tok/s 1,300 | eta 8m00s",
     ]
+
+
+def test_an_eta_past_an_hour_shows_hours_minutes_and_seconds(capsys):
+    console, job = Console(), PhaseJob("r", "base", 1, "jobs.base_train")
+    console.output(job, "step 10/10000 | loss 4.0000\n", 0.0)
+    console.output(job, "step 20/10000 | loss 3.9000\n", 10.0)  # a second a step, 9,980 steps to go
+    assert capsys.readouterr().out.splitlines()[-1].endswith("eta 2h46m20s")
 
 
 # --- the local backend --------------------------------------------------------------------------

@@ -155,6 +155,24 @@ def find_last_step(checkpoint_dir: str) -> int:
     return max(steps)
 
 
+def prune_checkpoints(checkpoint_dir: str, keep_last: int) -> list[int]:
+    """Delete every step older than the newest keep_last committed ones (0 keeps all); returns the steps deleted.
+    Each meta goes first, so a step is uncommitted before its files go; leftovers of killed saves go too."""
+    store = open_store(checkpoint_dir)
+    files = {}  # step -> its files
+    for key in store.list(""):
+        if m := re.fullmatch(r"(?:model|optim|meta)_(\d+)(?:_rank\d+)?\.(?:pt|json)", key):
+            files.setdefault(int(m.group(1)), []).append(key)
+    committed = sorted(step for step, keys in files.items() if f"meta_{step:06d}.json" in keys)
+    if keep_last == 0 or len(committed) <= keep_last:
+        return []
+    doomed = sorted(step for step in files if step < committed[-keep_last])
+    for step in doomed:
+        for key in sorted(files[step], key=lambda k: not k.startswith("meta_")):
+            store.delete(key)
+    return [step for step in doomed if step in committed]
+
+
 def find_largest_model(checkpoint_dir: str) -> str:
     """The model tag with the largest depth (d20 over d12); other tags by newest checkpoint."""
     store = open_store(checkpoint_dir)

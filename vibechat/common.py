@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 logger = logging.getLogger("vibechat")
@@ -38,6 +39,18 @@ def positive_int(text: str) -> int:
 def nonnegative_int(text: str) -> int:
     """argparse type of a count that may be 0 (warm-up steps, say); else a one-line usage error."""
     return _int_at_least(text, 0)
+
+
+AUTO_STEPS = -1  # --num-iterations: derive the step count from the data (or epochs)
+
+
+def steps_or_auto(text: str) -> int:
+    """argparse type of --num-iterations: at least 1 step, or AUTO_STEPS; 0 and other negatives are errors."""
+    value = _int_at_least(text, -2 ** 63)
+    if value < 1 and value != AUTO_STEPS:
+        raise argparse.ArgumentTypeError(f"{text} is not a number of steps: give at least 1, or {AUTO_STEPS} to "
+                                         "derive the count")
+    return value
 
 
 def output_file(text: str) -> str:
@@ -177,13 +190,18 @@ class DummyWandb:
 
 
 def run_main(main) -> None:
-    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2."""
+    """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2. Output into a closed pipe
+    (`| head -1`) ends the program quietly with the status of a SIGPIPE death, as other command-line tools do."""
     try:
         main()
+        sys.stdout.flush()  # here, not at exit: a closed pipe is caught below
     except VibechatError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         compute_cleanup()
         sys.exit(2)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush must not fail again
+        sys.exit(128 + signal.SIGPIPE)
 
 
 def reduce_scatter_mean(out: torch.Tensor, stacked: torch.Tensor) -> None:

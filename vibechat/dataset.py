@@ -330,7 +330,7 @@ def prepare(store: Store, dataset: str, num_shards: int, workers: int = 4, base_
     return download_shards(store, list(range(num_shards)), dataset, base_url=base_url, workers=workers)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Put pretraining shards into the store ($VIBECHAT_STORE): build pydocs offline, or download "
         "FineWeb-Edu shards 0..N-1. Shards already in the store are kept. The last shard is the val split."
@@ -340,7 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-w", "--workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--dataset", default=None, choices=DATASETS, help="default: $VIBECHAT_DATASET or pydocs")
     parser.add_argument("--base-url", default=FINEWEB_URL, help="where the FineWeb-Edu shards are served")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     dataset = dataset_name(args.dataset)
     store = data_store()
     keys = prepare(store, dataset, args.num_shards, args.workers, args.base_url)

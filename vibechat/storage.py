@@ -5,6 +5,10 @@ through this module; it is the only one that imports boto3.
 
 S3 settings come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_ENDPOINT_URL for S3-compatible servers such as SeaweedFS or MinIO, AWS_REGION).
+
+A transient S3 failure (no connection, a timeout, a 5xx, throttling) is retried with backoff for the store's
+`patience` (PATIENCE_SECONDS by default), so that phases and the controller ride out an S3 restart; only then is
+it a StoreError. Interactive readers (the dashboard) open their store with less patience.
 """
 
 import hashlib
@@ -17,6 +21,10 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from vibechat.common import VibechatError
+
+
+PATIENCE_SECONDS = 120.0  # how long a transient S3 failure is retried before it is an error
+RETRY_DELAY_MAX = 8.0  # the backoff between retries doubles from 0.5 s up to this
 
 
 class StoreError(VibechatError):
@@ -32,10 +40,11 @@ class Store:
     """Base class: the operations every store supports. Use open_store(url) to get one."""
 
     url: str
+    patience: float = PATIENCE_SECONDS  # seconds transient failures are retried (S3)
 
     def child(self, key: str) -> "Store":
         """A store rooted at url/key (a run's folder, a checkpoint folder)."""
-        return open_store(self.url.rstrip("/") + "/" + key.strip("/"))
+        return open_store(self.url.rstrip("/") + "/" + key.strip("/"), self.patience)
 
     def uri(self, key: str = "") -> str:
         return self.url.rstrip("/") + ("/" + key.lstrip("/") if key else "")
@@ -71,8 +80,9 @@ class Store:
         ...
 
 
-def open_store(url: str) -> Store:
-    """A Store for a file:// URL, a plain local path, or an s3://bucket/prefix URL."""
+def open_store(url: str, patience: float = PATIENCE_SECONDS) -> Store:
+    """A Store for a file:// URL, a plain local path, or an s3://bucket/prefix URL; transient S3 failures are
+    retried for `patience` seconds."""
     if not url:
         raise StoreError("empty store URL: pass file:///path, s3://bucket/prefix or a local path")
     parsed = urlparse(url)
@@ -80,12 +90,29 @@ def open_store(url: str) -> Store:
         path = parsed.path if parsed.scheme == "file" else url
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise StoreError(f"store URL {url!r}: file URLs need three slashes, e.g. file:///data/vibechat")
-        return LocalStore(url=url, root=os.path.abspath(os.path.expanduser(path)))
+        return LocalStore(url=url, patience=patience, root=os.path.abspath(os.path.expanduser(path)))
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise StoreError(f"store URL {url!r} names no bucket: use s3://bucket/prefix")
-        return S3Store(url=url, bucket=parsed.netloc, prefix=parsed.path.strip("/"))
+        return S3Store(url=url, patience=patience, bucket=parsed.netloc, prefix=parsed.path.strip("/"))
     raise StoreError(f"store URL {url!r} has unknown scheme {parsed.scheme!r}: use file://, s3:// or a local path")
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether an S3 call's failure may pass: no connection, a timeout, a 5xx, throttling (also when boto3 wrapped
+    it, as upload_file does)."""
+    from botocore.exceptions import ClientError, HTTPClientError
+    from botocore.exceptions import ConnectionError as NoConnection
+
+    cause = e.__context__ if type(e).__name__ == "S3UploadFailedError" and e.__context__ is not None else e
+    if isinstance(cause, (NoConnection, HTTPClientError)):
+        return True
+    if isinstance(cause, ClientError):
+        code = cause.response.get("Error", {}).get("Code", "")
+        status = cause.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return status >= 500 or code in ("SlowDown", "Throttling", "ThrottlingException", "RequestTimeout",
+                                         "InternalError", "ServiceUnavailable")
+    return False
 
 
 def _content_version(data: bytes) -> str:
@@ -214,8 +241,8 @@ class S3Store(Store):
         from botocore.config import Config
         from botocore.exceptions import PartialCredentialsError
 
-        # "standard" retry mode retries throttling, 5xx and connection errors with backoff
-        config = Config(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=120)
+        # botocore's quick retries first; _call's patient ones around them ride out an outage
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=10, read_timeout=120)
         # the key pair is read at every open: boto3's default session keeps the first credentials it found
         env = os.environ
         try:
@@ -260,21 +287,36 @@ class S3Store(Store):
         return e
 
     def _call(self, key: str, fn, *args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # translated into one clear error type
-            err = self._error(e, key)
-            if err is e:
-                raise
-            raise err from None
+        """fn(*args, **kwargs), retried with backoff while it fails transiently for up to self.patience seconds."""
+        deadline, delay = time.monotonic() + self.patience, 0.5
+        while True:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # translated into one clear error type
+                if _transient(e) and time.monotonic() + delay < deadline:
+                    time.sleep(delay)
+                    delay = min(2 * delay, RETRY_DELAY_MAX)
+                    continue
+                err = self._error(e, key)
+                if err is e:
+                    raise
+                if _transient(e):
+                    err = StoreError(f"{err} (retried for {self.patience:g} s)")
+                raise err from None
+
+    def _get_object(self, key: str) -> tuple[bytes, str]:
+        def get():  # the body is read inside the retries: a connection can drop mid-read
+            r = self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return r["Body"].read(), r["ETag"]
+
+        return self._call(key, get)
 
     def stat(self, key: str) -> tuple[int, float]:
         r = self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._key(key))
         return r["ContentLength"], r["LastModified"].timestamp()
 
     def get_bytes(self, key: str) -> bytes:
-        r = self._call(key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
-        return r["Body"].read()
+        return self._get_object(key)[0]
 
     def put_bytes(self, key: str, data: bytes) -> None:
         self._call(key, self._client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
@@ -290,14 +332,13 @@ class S3Store(Store):
 
     def list(self, prefix: str = "") -> list[str]:
         full = self._key(prefix)
-        keys = []
-        paginator = self._client.get_paginator("list_objects_v2")
         strip = len(self.prefix) + 1 if self.prefix else 0
-        try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=full):
-                keys.extend(obj["Key"][strip:] for obj in page.get("Contents", []))
-        except Exception as e:
-            raise self._error(e, prefix) from None
+
+        def list_all() -> list[str]:
+            pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=full)
+            return [obj["Key"][strip:] for page in pages for obj in page.get("Contents", [])]
+
+        keys = self._call(prefix, list_all)
         if prefix and not prefix.endswith("/"):
             keys = [k for k in keys if k == prefix.strip("/") or k.startswith(prefix.strip("/") + "/")]
         return sorted(keys)
@@ -330,10 +371,9 @@ class S3Store(Store):
 
     def get_versioned(self, key: str) -> tuple[bytes, str] | None:
         try:
-            r = self._call(key, self._client.get_object, Bucket=self.bucket, Key=self._key(key))
+            return self._get_object(key)
         except FileNotFoundError:
             return None
-        return r["Body"].read(), r["ETag"]
 
     def put_if_version(self, key: str, data: bytes, version: str | None) -> str:
         # S3 conditional writes: If-None-Match: * creates only; If-Match: <etag> replaces only that version
