@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -15,11 +16,16 @@ from streamlit.testing.v1 import AppTest
 
 from dashboard import chat, data
 from jobs import pipeline
+from jobs.backends.local import LocalBackend
+from jobs.config import load_config
+from jobs.driver import local_state_dir, phase_job
+from jobs.runstore import write_run
 from tests.conftest import free_port
 from tests.dashboard_fixture import RL_ERROR, fill_store
 from vibechat.checkpoint_manager import build_model, load_checkpoint
 from vibechat.common import autodetect_device_type
 from vibechat.engine import Engine
+from vibechat.storage import open_store
 from vibechat.tokenizer import RustBPETokenizer
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dashboard", "app.py")
@@ -157,6 +163,32 @@ def test_metrics_page_overlays_the_runs_to_compare(store, monkeypatch):
     assert loss.groupby("run").size().to_dict() == {"tiny-demo": 200, "tiny-b": 200}
 
 
+def test_metrics_page_smooths_the_curves_as_tensorboard_does(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "metrics_page.py")
+    raw = chart_data(at.get("vega_lite_chart")[0])["loss"]
+    at.slider(key="smoothing").set_value(0.9).run()
+    smoothed = chart_data(at.get("vega_lite_chart")[0])["loss"]
+    assert smoothed.iloc[0] == pytest.approx(raw.iloc[0])  # debiased: the first point is not pulled towards 0
+    assert smoothed.diff().abs().mean() < raw.diff().abs().mean() / 2
+
+
+def test_metrics_page_draws_a_log_y_axis(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "metrics_page.py")
+    at.toggle(key="log_y").set_value(True).run()
+    spec = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+    assert spec["encoding"]["y"]["scale"]["type"] == "log"
+
+
+def test_metrics_page_shows_the_settings_where_compared_runs_differ(store, monkeypatch):
+    fill_store(str(store), "tiny-b", seed=1)
+    run_json = store / "runs" / "tiny-b" / "run.json"
+    run_json.write_text(run_json.read_text().replace('"depth": 4', '"depth": 6'))
+    at = open_app(store, monkeypatch, "metrics_page.py")
+    at.multiselect(key="compare_with").set_value(["tiny-b"]).run()
+    diff = at.dataframe[-1].value
+    assert diff.to_dict("index") == {"phases.base.args.depth": {"tiny-demo": "4", "tiny-b": "6"}}
+
+
 def test_metrics_page_shows_the_eval_scores_of_each_stage(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "metrics_page.py")
     scores = at.dataframe[0].value
@@ -220,6 +252,23 @@ def test_report_page_without_a_report_shows_the_scores_so_far(store, monkeypatch
     assert "| CORE | 0.0610 | - | - | - |" in at.markdown[0].value
 
 
+# --- logs -----------------------------------------------------------------------------------------------
+
+
+def test_logs_page_shows_a_running_phases_output_from_its_backend(store, monkeypatch):
+    run = pipeline.new_run("live", "tiny", load_config("tiny"), "local", time.time())
+    pipeline.mark_running(run, "data", 1, "vibechat-live-data-1", time.time())
+    write_run(open_store(str(store)), run, None)
+    job_dir = LocalBackend(local_state_dir(open_store(str(store)))).job_dir(phase_job(run, open_store(str(store)),
+                                                                                      "data", 1))
+    os.makedirs(job_dir)
+    with open(os.path.join(job_dir, "output.log"), "w") as f:
+        f.write("downloading shard 1/4\n")
+    at = open_app(store, monkeypatch, "logs_page.py")  # the newest run: live
+    assert at.code[0].value == "downloading shard 1/4"
+    assert "following, every 5 s" in at.caption[0].value
+
+
 # --- chat -----------------------------------------------------------------------------------------------
 
 
@@ -243,6 +292,11 @@ def test_chat_keeps_the_conversation_and_a_new_one_starts_empty(filled, monkeypa
     assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
     at.button[0].click().run()
     assert len(at.chat_message) == 0
+
+
+def test_the_message_box_takes_at_most_max_chars(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    assert at.chat_input[0].proto.max_chars == 4000  # a longer one is cut in the box, not echoed and then dropped
 
 
 def test_a_base_checkpoint_continues_the_text(filled, monkeypatch):
