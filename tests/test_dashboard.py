@@ -114,6 +114,16 @@ def test_runs_page_shows_the_error_of_the_failed_phase(filled, monkeypatch):
     assert [e.value for e in at.error] == [f"**rl** failed on attempt 2: {RL_ERROR}"]
 
 
+def test_a_url_naming_a_run_not_in_the_store_says_so_and_shows_the_newest(filled, monkeypatch):
+    monkeypatch.setenv("VIBECHAT_STORE", str(filled))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["run"] = "gone"
+    at.run()
+    assert [w.value for w in at.warning] == [
+        "The URL asks for run=gone, which is not in this store: it shows tiny-demo instead."]
+    assert at.selectbox(key="run_id").value == "tiny-demo"
+
+
 def test_a_running_phase_shows_its_duration_so_far():
     config = {"phases": {name: {"skip": False} for name in pipeline.PHASES}}
     run = pipeline.new_run("live", "tiny", config, "local", 1000.0)
