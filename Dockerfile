@@ -5,7 +5,7 @@
 #
 # PyTorch's CUDA wheels from PyPI bring CUDA, cuDNN and NCCL themselves; the GPU driver comes from the
 # node (NVIDIA container toolkit), so the base is a plain Python image. Give containers a large /dev/shm
-# (--ipc=host or --shm-size=16g); the PyTorchJob templates in k8s/phases/ mount a memory-backed one.
+# (--ipc=host or --shm-size=16g); the PyTorchJob template in k8s/phases/ mounts a memory-backed one.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -27,7 +27,7 @@ COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY . /app
 # The project runs from /app (not installed): `python -m jobs.X`, `streamlit run dashboard/app.py`, and the
-# controller reads its PyTorchJob templates from /app/k8s/phases.
+# controller reads its PyTorchJob template from /app/k8s/phases (unless the ConfigMap's copy is mounted).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \

@@ -19,6 +19,7 @@ from jobs.phase import (ResumableBatches, add_token_rows_args, add_training_args
 from jobs.training import (grad_accumulation, lr_multiplier, make_optimizers, peak_flops, set_schedules,
                            train_step)
 from vibechat.common import VibechatError, positive_int, print0, run_main, steps_or_auto, synchronize
+from vibechat.fp8 import enable_fp8
 from vibechat.gpt import GPT, config_for_depth
 from vibechat.metrics import MetricsLogger, system_metrics
 
@@ -36,6 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=250, help="steps between validation bpb evaluations")
     p.add_argument("--model-tag", default=None, help="checkpoint folder name (default d<depth>)")
     add_token_rows_args(p)
+    p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (Hopper GPUs; needs torchao)")
     add_training_args(p, save_every=1000)
     return p.parse_args(argv)
 
@@ -83,6 +85,8 @@ def main(argv=None) -> None:
     print0(f"model d{args.depth}: {num_params:,} parameters, {num_flops_per_token:.3e} FLOPs/token, "
            f"{num_iterations} steps of {args.total_batch_size:,} tokens (grad accumulation {grad_accum_steps})")
 
+    if args.fp8:
+        enable_fp8(model)
     optimizers = make_optimizers(model, args)
     loader_state = restore_training_state(optimizers, optim_data)
     train_model = compiled(model, args.compile, device)

@@ -78,6 +78,26 @@ def largest_argmax_shortfall(model: GPT, results: list[list[int]], prompt_len: i
     return shortfall
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The random model, the requests' sizes, the device and the output file: shared with jobs.bench_serve."""
+    parser.add_argument("--depth", type=positive_int, default=20, help="model depth (default: 20)")
+    parser.add_argument("--vocab-size", type=positive_int, default=65536, help="(default: 65536)")
+    parser.add_argument("--sequence-len", type=positive_int, default=2048, help="model context (default: 2048)")
+    parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="(default: 128)")
+    parser.add_argument("--new-tokens", type=positive_int, default=256,
+                        help="tokens generated per sample (default: 256)")
+    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: the best available)")
+    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
+
+
+def parse_model_arguments(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    args = parser.parse_args()
+    if args.prompt_tokens + args.new_tokens > args.sequence_len:
+        raise VibechatError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed "
+                            f"--sequence-len {args.sequence_len}: lengthen the context or generate fewer tokens")
+    return args
+
+
 def timed(generate, runs: int, device: torch.device) -> list[float]:
     """Seconds per call of generate(), after one untimed call."""
     times = []
@@ -110,23 +130,13 @@ def decode_step_ms(engine: Engine, batch_size: int, start: int, device: torch.de
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--depth", type=int, default=20, help="model depth (default: 20)")
-    parser.add_argument("--vocab-size", type=positive_int, default=65536, help="(default: 65536)")
-    parser.add_argument("--sequence-len", type=positive_int, default=2048, help="model context (default: 2048)")
-    parser.add_argument("--prompt-tokens", type=positive_int, default=128, help="(default: 128)")
-    parser.add_argument("--new-tokens", type=positive_int, default=256,
-                        help="tokens generated per sample (default: 256)")
+    add_model_arguments(parser)
     parser.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 16], help="(default: 1 16)")
     parser.add_argument("--runs", type=positive_int, default=3,
                         help="timed runs per method; the median counts (default: 3)")
     parser.add_argument("--check-tokens", type=positive_int, default=16,
                         help="greedy tokens compared with GPT.generate (default: 16)")
-    parser.add_argument("--device", default=None, choices=["cuda", "cpu"], help="(default: the best available)")
-    parser.add_argument("--out", default=None, type=output_file, help="write the results as JSON here")
-    args = parser.parse_args()
-    if args.prompt_tokens + args.new_tokens > args.sequence_len:
-        raise VibechatError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed "
-                            f"--sequence-len {args.sequence_len}: lengthen the context or generate fewer tokens")
+    args = parse_model_arguments(parser)
     _, _, _, _, device = compute_init(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 check needs true fp32; bf16 timing is unaffected
 

@@ -1,6 +1,7 @@
 """Training throughput benchmark: tokens/s and MFU of base training at a given depth and batch.
 
     python -m jobs.bench_train --depth 20 --device-batch-size 32          # on one GPU
+    python -m jobs.bench_train --depth 20 --device-batch-size 32 --total-batch-size 524288 --fp8   # Hopper
     python -m jobs.bench_train --depth 2 --max-seq-len 128 --device-batch-size 4 --total-batch-size 512 --steps 3
 
 Random tokens, the real model and optimizers and the same train_step as jobs.base_train.
@@ -17,6 +18,7 @@ import torch
 
 from jobs.training import grad_accumulation, peak_flops, step_optimizers, train_step
 from vibechat.common import autocast_dtype, compute_init, nonnegative_int, output_file, positive_int, run_main, synchronize
+from vibechat.fp8 import enable_fp8
 from vibechat.gpt import GPT, config_for_depth
 
 
@@ -33,6 +35,7 @@ def main(argv=None) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--sdpa", choices=["default", "cudnn"], default="default",
                    help="attention kernel order: PyTorch's default, or cuDNN attention first")
+    p.add_argument("--fp8", action="store_true", help="the blocks' matmuls in FP8 (Hopper GPUs; needs torchao)")
     p.add_argument("--out", default=None, type=output_file, help="write the result as JSON here")
     p.add_argument("--profile", default=None, type=output_file,
                    help="after timing, write here where the time goes: forward+backward vs optimizer, kernels by kind")
@@ -45,6 +48,8 @@ def main(argv=None) -> None:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
+    if args.fp8:
+        enable_fp8(model)
     optimizers = model.setup_optimizers()
     train_model = torch.compile(model, dynamic=False) if args.compile == "on" else model
     attention = contextlib.nullcontext()
@@ -92,10 +97,11 @@ def run_benchmark(args, model, train_model, optimizers, world_size: int, device,
         "flops_per_token": flops_per_token,
         "mfu": flops_per_token * tok_per_sec / (peak * world_size) if peak else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None,
-        "compile": args.compile, "dtype": str(dtype), "sdpa": args.sdpa,
+        "compile": args.compile, "dtype": str(dtype), "fp8": args.fp8, "sdpa": args.sdpa,
     }
     mfu = f"{100 * result['mfu']:.1f}%" if result["mfu"] else "n/a"
-    print(f"d{args.depth} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
+    model_name = f"d{args.depth}{' fp8' if args.fp8 else ''}"
+    print(f"{model_name} B={args.device_batch_size} T={args.max_seq_len} accum={grad_accum} on {result['device']}: "
           f"{tok_per_sec:,.0f} tok/s, MFU {mfu}, step {dt * 1000:.0f} ms, mem {result['peak_memory_gib']}")
     if args.out:
         with open(args.out, "w") as f:

@@ -5,6 +5,8 @@ mapping: {num_iterations: 20} -> --num-iterations=20), whether it is skipped, an
 is on Kubernetes (nnodes, nproc_per_node, gpus_per_node). Every other key is checked here: an
 unknown one is an error that lists the valid ones. check_phase_args parses each phase's flags with
 its program's own parse_args before a run starts, so a bad flag fails the start, not a later phase.
+The `kubernetes` section and each phase's `resources` say where and how big its pods are
+(jobs/backends/kubernetes.py).
 """
 
 import contextlib
@@ -13,6 +15,7 @@ import difflib
 import importlib
 import io
 import os
+import re
 
 import yaml
 
@@ -22,16 +25,70 @@ from vibechat.common import VibechatError
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 # what a phase gets for the keys its preset does not set
-PHASE_DEFAULTS = {"module": None, "args": {}, "skip": False, "nnodes": 1, "nproc_per_node": 1, "gpus_per_node": 0}
+PHASE_DEFAULTS = {"module": None, "args": {}, "skip": False, "nnodes": 1, "nproc_per_node": 1, "gpus_per_node": 0,
+                  "resources": {}}
+# a pod's size, per node: a phase's `resources` are merged over these (GPU ones where it has GPUs)
+CPU_RESOURCES = {"cpu": "2", "memory": "8Gi", "ephemeral_storage": "20Gi", "guaranteed": False}
+GPU_RESOURCES = {"cpu": "16", "memory": "128Gi", "ephemeral_storage": "200Gi", "guaranteed": False}
+# where the pods go and what they run as; every key optional in a preset
+KUBERNETES_DEFAULTS = {
+    "queue": None, "priority_class": None, "gang_scheduling": False, "node_selector": {}, "tolerations": [],
+    "affinity": {}, "service_account": None, "image_pull_secrets": [], "s3_secret": "vibechat-s3", "env": {},
+}
 
-# key -> type of its value, or a nested schema; "args" values are the programs' business
-_PHASE_SCHEMA = {"module": str, "args": dict, "skip": bool, "nnodes": int, "nproc_per_node": int, "gpus_per_node": int}
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|[KMGTPE]i?|[eE][0-9]+)?")  # Kubernetes' resource.Quantity
+_TOLERATION_KEYS = ("key", "operator", "value", "effect", "tolerationSeconds")
+_AFFINITY_KEYS = ("nodeAffinity", "podAffinity", "podAntiAffinity")
+
+
+def _quantity(value, where: str, dotted: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or not _QUANTITY.fullmatch(str(value)):
+        raise ConfigError(f"{where}: {dotted!r} should be a Kubernetes quantity like 4, 500m or 64Gi, not {value!r}")
+
+
+def _string_map(value, where: str, dotted: str) -> None:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        raise ConfigError(f"{where}: {dotted!r} should be a mapping of strings to strings (quote numbers), not {value!r}")
+
+
+def _string_list(value, where: str, dotted: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {dotted!r} should be a list of names, not {value!r}")
+
+
+def _tolerations(value, where: str, dotted: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(t, dict) and set(t) <= set(_TOLERATION_KEYS) for t in value):
+        raise ConfigError(f"{where}: {dotted!r} should be a list of Kubernetes tolerations, mappings with keys "
+                          f"{', '.join(_TOLERATION_KEYS)}; not {value!r}")
+
+
+def _affinity(value, where: str, dotted: str) -> None:
+    if not isinstance(value, dict) or not set(value) <= set(_AFFINITY_KEYS):
+        raise ConfigError(f"{where}: {dotted!r} should be a Kubernetes affinity, a mapping with keys "
+                          f"{', '.join(_AFFINITY_KEYS)}; not {value!r}")
+
+
+# key -> type of its value, a checker function, or a nested schema; "args" values are the programs' business
+_PHASE_SCHEMA = {
+    "module": str, "args": dict, "skip": bool, "nnodes": int, "nproc_per_node": int, "gpus_per_node": int,
+    "resources": {"cpu": _quantity, "memory": _quantity, "ephemeral_storage": _quantity, "guaranteed": bool},
+}
 SCHEMA = {
     "description": str,  # one line: what the preset is for
     "dataset": str,  # pretraining corpus under data/<dataset>/, passed to phases as VIBECHAT_DATASET
     "omp_num_threads": (int, type(None)),  # per process; null: all CPU cores of the machine
     "retries": {"max_attempts": int, "backoff_s": (int, float), "backoff_max_s": (int, float)},
-    "kubernetes": {"namespace": str, "image": str},
+    "kubernetes": {
+        "namespace": str, "image": str,
+        "queue": (str, type(None)),  # a Kueue LocalQueue: jobs are created suspended, for Kueue to admit
+        "priority_class": (str, type(None)),
+        "gang_scheduling": bool,  # all pods of a job start together (the operator needs a gang scheduler)
+        "node_selector": _string_map, "tolerations": _tolerations, "affinity": _affinity,
+        "service_account": (str, type(None)),  # the phase pods' identity, e.g. for cloud workload identity
+        "image_pull_secrets": _string_list,
+        "s3_secret": str,  # the Secret with AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY
+        "env": _string_map,  # extra environment of every phase pod
+    },
     "phases": {name: _PHASE_SCHEMA for name in PHASES},
 }
 _POSITIVE = {"omp_num_threads", "max_attempts", "nnodes", "nproc_per_node"}
@@ -87,6 +144,9 @@ def validate(config: dict, where: str, schema: dict = SCHEMA, path: str = "") ->
             scope = f"under '{path[:-1]}'" if path else "at the top level"
             raise ConfigError(f"{where}: unknown key {dotted!r}{hint}; valid keys {scope}: {valid}")
         spec = schema[key]
+        if callable(spec) and not isinstance(spec, type):
+            spec(value, where, dotted)
+            continue
         if isinstance(spec, dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: {dotted!r} should be a mapping with keys {', '.join(spec)}, not {value!r}")
@@ -128,13 +188,23 @@ def complete(config: dict, where: str) -> dict:
     for name in PHASES:
         phase = copy.deepcopy({**PHASE_DEFAULTS, **phases.get(name, {})})  # no dict shared between phases
         phase["module"] = phase["module"] or PHASE_PROGRAMS[name][0]
+        phase["resources"] = {**(GPU_RESOURCES if phase["gpus_per_node"] else CPU_RESOURCES), **phase["resources"]}
+        _check_guaranteed(phase["resources"], where, f"phases.{name}.resources")
         config["phases"][name] = phase
+    config["kubernetes"] = copy.deepcopy({**KUBERNETES_DEFAULTS, **config.get("kubernetes", {})})
     missing = [k for k in SCHEMA if k not in config]
     missing += [f"{k}.{sub}" for k, spec in SCHEMA.items() if isinstance(spec, dict) and k in config and k != "phases"
                 for sub in spec if sub not in config[k]]
     if missing:
         raise ConfigError(f"{where}: missing {', '.join(missing)}")
     return config
+
+
+def _check_guaranteed(resources: dict, where: str, dotted: str) -> None:
+    # the kubelet's static CPU manager gives a Guaranteed pod exclusive cores only for whole CPUs
+    if resources["guaranteed"] and not re.fullmatch(r"[0-9]+", str(resources["cpu"])):
+        raise ConfigError(f"{where}: {dotted}.guaranteed needs whole CPUs, but cpu is {resources['cpu']!r}: "
+                          "set cpu to an integer like 16")
 
 
 def load_config(preset: str, config_file: str | None = None) -> dict:

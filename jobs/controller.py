@@ -18,10 +18,12 @@ jobs/driver.py (backends and the Driver) and jobs/console.py (what the user sees
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import time
 
-from jobs import pipeline
+from jobs import health, pipeline
 from jobs.config import check_phase_args, load_config, preset_names
 from jobs.console import Console
 from jobs.driver import (OVER, Driver, drive_in_background, make_backend, phase_job, phase_log, pick_backend, stop_run,
@@ -46,13 +48,17 @@ def cmd_start(args) -> int:
     if args.run_id is not None:  # "" too: an empty --run-id is a mistake, not a request for a generated one
         check_run_id(args.run_id)
     backend, why = pick_backend(args.backend, store)
-    owner = None if args.detach else owner_id()
+    owner = None if args.detach or args.no_drive else owner_id()
     run = create_run(store, args.preset, config, backend, args.run_id, owner)
     print(f"run {run.run_id}: preset {args.preset}, store {store.uri()}")
     print(f"backend {backend}: {why}")
     skipped = [n for n, p in run.phases.items() if p.state == pipeline.SKIPPED]
     print("phases: " + " -> ".join(n for n in pipeline.PHASES if n not in skipped)
           + (f" (skipped: {', '.join(skipped)})" if skipped else ""))
+    if args.no_drive:
+        print(f"run {run.run_id} is in the store for a controller to drive (`serve`: the in-cluster leader picks it "
+              f"up within its --interval)\n  status: python -m jobs.controller status {run.run_id}{store_flag(store)}")
+        return 0
     if args.detach:
         return detach(store, run.run_id)
     return finish(Driver(store, run.run_id, make_backend(run, store), owner, Console(), follow=True).drive(), store)
@@ -190,29 +196,56 @@ def cmd_logs(args) -> int:
 def cmd_serve(args) -> int:
     store = open_store(args.store)
     owner = owner_id()
+    drivers: dict[str, Driver] = {}
+    beat = health.Health(stale_s=max(10 * args.interval, 120))
+    health.serve_http(args.http_port, beat)
     if args.leader_elect:
         from jobs.backends.kubernetes import hold_leadership
 
-        hold_leadership(owner, args.namespace)
-    print(f"controller {owner} driving the {args.backend} runs of store {store.uri()} every {args.interval}s",
-          flush=True)
-    drivers: dict[str, Driver] = {}
+        lock = hold_leadership(owner, args.namespace)
+
+        def shut_down(signum, frame):
+            # the kubelet's SIGTERM: let go of the runs and the Lease, so the other replica leads at its next try
+            for driver in drivers.values():
+                driver.let_go()
+            lock.release()
+            print(f"controller {owner}: terminated; released its runs and the leader Lease", flush=True)
+            os._exit(0)  # at once: nothing may act as leader after the release
+
+        signal.signal(signal.SIGTERM, shut_down)
+    print(f"controller {owner} driving the {args.backend} runs of store {store.uri()} (a pass at least every "
+          f"{args.interval}s)", flush=True)
+    changed = threading.Event()
+    if args.backend == "kubernetes":  # PyTorchJob changes wake the loop; passes without them only resync
+        from jobs.backends.kubernetes import job_changes
+
+        changed = job_changes(args.namespace)
     while True:
-        for run_id in list_run_ids(store):
-            try:
-                run, _ = read_run(store, run_id)
-                if pipeline.run_status(run) in OVER or run.backend != args.backend:
-                    drivers.pop(run_id, None)
-                    continue
-                if run_id not in drivers:
-                    drivers[run_id] = Driver(store, run_id, make_backend(run, store), owner, Console(f"{run_id} "),
-                                             follow=False)
-                drivers[run_id].step()
-            except LeaseHeld:
-                continue  # another controller drives it
-            except VibechatError as e:  # one broken run must not stop the others
-                print(f"run {run_id}: {e}", flush=True)
-        time.sleep(args.interval)
+        serve_pass(store, args.backend, owner, drivers)
+        beat.passed()
+        changed.wait(args.interval)
+        changed.clear()
+
+
+def serve_pass(store: Store, backend: str, owner: str, drivers: dict[str, Driver]) -> None:
+    """One step of every unfinished run of `backend` in the store whose lease is free or ours."""
+    runs = []
+    for run_id in list_run_ids(store):
+        try:
+            run, _ = read_run(store, run_id)
+            runs.append(run)
+            if pipeline.run_status(run) in OVER or run.backend != backend:
+                drivers.pop(run_id, None)
+                continue
+            if run_id not in drivers:
+                drivers[run_id] = Driver(store, run_id, make_backend(run, store), owner, Console(f"{run_id} "),
+                                         follow=False)
+            drivers[run_id].step()
+        except LeaseHeld:
+            continue  # another controller drives it
+        except VibechatError as e:  # one broken run must not stop the others
+            print(f"run {run_id}: {e}", flush=True)
+    health.observe(runs, time.time())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -233,7 +266,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--backend", choices=["auto", "local", "kubernetes"], default="auto",
                    help="where phases run; auto: Kubernetes when a cluster with PyTorchJobs answers, else here")
     c.add_argument("--run-id", help="name of the run (default run-YYMMDD-HHMMSS)")
-    c.add_argument("--detach", action="store_true", help="drive the run from a background process and return")
+    how = c.add_mutually_exclusive_group()
+    how.add_argument("--detach", action="store_true", help="drive the run from a background process and return")
+    how.add_argument("--no-drive", action="store_true",
+                     help="only write the run to the store, for the controller that serves it (in a cluster: the leader)")
     c = command("status", cmd_status, "show every phase of a run")
     c.add_argument("run_id", nargs="?", metavar="RUN", help="the run (default: the newest)")
     command("list", cmd_list, "list the runs in the store")
@@ -250,7 +286,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("phase", metavar="PHASE", help=", ".join(pipeline.PHASES))
     c.add_argument("--attempt", type=int, help="which attempt (default: the latest)")
     c = command("serve", cmd_serve, "drive every unfinished run in the store (the in-cluster controller)")
-    c.add_argument("--interval", type=float, default=10.0, help="seconds between passes over the runs")
+    c.add_argument("--interval", type=float, default=10.0,
+                   help="most seconds between passes over the runs (a PyTorchJob change starts one at once)")
+    c.add_argument("--http-port", type=int, default=8080, help="port of /healthz and /metrics (default 8080)")
     c.add_argument("--backend", choices=["kubernetes", "local"], default="kubernetes",
                    help="drive the runs of this backend only (default kubernetes: local runs belong to their machine)")
     c.add_argument("--leader-elect", action="store_true", help="serve only while holding the controller Lease")

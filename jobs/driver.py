@@ -6,15 +6,15 @@ import subprocess
 import sys
 import time
 
-from jobs import pipeline
-from jobs.backends import Backend, PhaseJob
+from jobs import health, pipeline
+from jobs.backends import Backend, JobStatus, PhaseJob
 from jobs.console import Console
 from jobs.runstore import LEASE_SECONDS, RunNotFound, claim, read_run, write_run
+from vibechat import liveness
 from vibechat.common import VibechatError, format_duration, get_store_url
 from vibechat.layout import in_run, log_key
 from vibechat.storage import LocalStore, PreconditionFailed, S3Store, Store, open_store
 
-TICK_SECONDS = 0.5  # how often a driven run's job is checked while nothing happens
 LOG_UPLOAD_SECONDS = 30  # how often a running job's output is copied to the store
 OVER = (pipeline.SUCCEEDED, pipeline.FAILED, pipeline.CANCELLED)
 
@@ -56,7 +56,7 @@ def make_backend(run: pipeline.RunState, store: Store) -> Backend:
         from jobs.backends.kubernetes import KubernetesBackend
 
         k8s = run.config["kubernetes"]
-        return KubernetesBackend(namespace=k8s["namespace"], image=k8s["image"])
+        return KubernetesBackend(namespace=k8s["namespace"], image=k8s["image"], settings=k8s)
     from jobs.backends.local import LocalBackend
 
     return LocalBackend(local_state_dir(store))
@@ -67,12 +67,14 @@ def phase_job(run: pipeline.RunState, store: Store, phase: str, attempt: int) ->
     env = {
         "VIBECHAT_STORE": store_root(store),
         "VIBECHAT_RUN": run.run_id,
+        "VIBECHAT_PHASE": phase,  # with VIBECHAT_ATTEMPT: the liveness record the phase renews
+        "VIBECHAT_ATTEMPT": str(attempt),
         "VIBECHAT_DATASET": run.config["dataset"],
         "PYTHONUNBUFFERED": "1",
         "OMP_NUM_THREADS": str(run.config["omp_num_threads"] or os.cpu_count() or 1),
     }
     return PhaseJob(run.run_id, phase, attempt, cfg["module"], pipeline.phase_argv(phase, cfg["args"]), env,
-                    cfg["nnodes"], cfg["nproc_per_node"], cfg["gpus_per_node"])
+                    cfg["nnodes"], cfg["nproc_per_node"], cfg["gpus_per_node"], cfg.get("resources", {}))
 
 
 
@@ -88,6 +90,7 @@ class Driver:
         self.offsets: dict[str, int] = {}  # job name -> how much of its output was printed
         self.uploaded_at: dict[str, float] = {}
         self.watching: PhaseJob | None = None
+        self.known: set[str] = set()  # jobs this driver submitted or adopted
         self.idle = False  # the last step only waited: sleep before the next
 
     def say(self, message: str) -> None:
@@ -109,19 +112,28 @@ class Driver:
         lease_was = run.lease
         claim(run, self.owner, now)
         action = pipeline.next_action(run, now)
+        if action.kind == "submit" and self._previous_alive(run, action.phase, action.attempt, now):
+            action = pipeline.Action("wait", action.phase, action.attempt)
         if action.kind == "submit":
             job = phase_job(run, self.store, action.phase, action.attempt)
             pipeline.mark_running(run, action.phase, action.attempt, job.name, now)
             # record the attempt before starting it: a crash in between resubmits the same job name, never a new one
             if not self._write(run, version):
                 return None
+            # alive from now for any controller, until the phase renews it itself (or fails to start in time)
+            liveness.write(self.store, run.run_id, job.phase, job.attempt,
+                           liveness.Liveness(self.owner, now + liveness.TTL_SECONDS))
             self.backend.submit(job)
+            health.SUBMITTED.inc()
+            self.known.add(job.name)
             self.watching, self.offsets[job.name] = job, 0
             self.say(f"{action.phase}: started attempt {action.attempt} as {job.name}")
             return run
-        changed = False
+        changed, ended = False, None
         if action.kind == "watch":
-            changed = self._watch(run, phase_job(run, self.store, action.phase, action.attempt), now)
+            job = phase_job(run, self.store, action.phase, action.attempt)
+            changed = self._watch(run, job, now)
+            ended = job if run.phases[job.phase].state != pipeline.RUNNING else None
             self.idle = not changed
         elif action.kind == "wait":
             self.idle = True
@@ -135,24 +147,50 @@ class Driver:
         renew = lease_was is None or lease_was.owner != self.owner or lease_was.expires_at - now < LEASE_SECONDS / 2
         if (changed or renew) and not self._write(run, version):
             return None
+        if ended is not None:
+            # its end is in run.json now: the job may go (the kubernetes backend lets the operator delete it later)
+            getattr(self.backend, "recorded", lambda job: None)(ended)
         return run
 
     def _watch(self, run: pipeline.RunState, job: PhaseJob, now: float) -> bool:
-        """Follow the phase's job; True when its end was recorded in `run`."""
+        """Follow the phase's job; True when `run` changed (the job was seen, or its end recorded)."""
         self.watching = job
         status = self.backend.status(job)
+        # a job this machine's backend does not know may run (or have ended) on another: its liveness record says
+        elsewhere = self._elsewhere(job, now) if status.state == "missing" else None
+        if elsewhere and elsewhere.state == "running":
+            if job.name not in self.offsets:
+                self.offsets[job.name] = 0
+                self.say(f"{job.phase}: following {job.name}, {elsewhere.message}")
+            return False
+        status = elsewhere or status
         self._follow(job, now)
-        if status.state == "missing":
+        seen = run.phases[job.phase].job_seen
+        if status.state == "missing" and not seen:
             # recorded as running but never started: the last controller stopped between the two
             self.say(f"{job.phase}: job {job.name} not found; submitting it")
             self.backend.submit(job)
+            health.SUBMITTED.inc()
+            self.known.add(job.name)
             return False
+        if status.state == "missing":
+            # it existed and is gone before its end was seen: the outcome is unknown, so the attempt
+            # failed and a retry starts under a new name (training resumes from its checkpoint)
+            status = JobStatus("failed", f"job {job.name} was deleted before the controller saw it end")
+        else:
+            if job.name not in self.known:  # started by a controller before this one
+                health.ADOPTED.inc()
+                self.known.add(job.name)
+            if not seen:
+                pipeline.mark_seen(run, job.phase)
+                return True
         if status.state in ("pending", "running"):
             if now - self.uploaded_at.get(job.name, now) > LOG_UPLOAD_SECONDS:
                 self._upload_log(job, now)
             self.uploaded_at.setdefault(job.name, now)
             return False
-        self._upload_log(job, now)
+        if not elsewhere:  # its output is on the other machine, whose controller copied it while it could
+            self._upload_log(job, now)
         if status.state == "succeeded":
             pipeline.mark_succeeded(run, job.phase, now)
             p = run.phases[job.phase]
@@ -165,6 +203,37 @@ class Driver:
             self.say(f"{job.phase}: attempt {job.attempt} failed: {status.message}{retry}")
         self.watching = None
         return True
+
+    def _previous_alive(self, run: pipeline.RunState, phase: str, attempt: int, now: float) -> bool:
+        """Whether the attempt before `attempt` still runs on another machine (stopped or reset from this one, which
+        could not reach it): the next one waits for it, never two at once."""
+        if attempt == 1:
+            return False
+        job = phase_job(run, self.store, phase, attempt - 1)
+        if self.backend.status(job).state != "missing":
+            return False  # this machine's backend runs it, and stop or resume stopped it
+        status = self._elsewhere(job, now)
+        if status is None or status.state != "running":
+            return False
+        if job.name not in self.offsets:
+            self.offsets[job.name] = 0
+            self.say(f"{phase}: waiting for {job.name} to end, still {status.message}")
+        return True
+
+    def _elsewhere(self, job: PhaseJob, now: float) -> JobStatus | None:
+        """The job's status by its liveness record (running elsewhere, ended, or dead); None without a record."""
+        record = liveness.read(self.store, job.run_id, job.phase, job.attempt)
+        if record is None:
+            return None
+        if record.alive(now):
+            return JobStatus("running", f"running on {record.owner}")
+        if record.exit_code == 0:
+            return JobStatus("succeeded")
+        if record.exit_code is not None:
+            return JobStatus("failed", f"exit code {record.exit_code} on {record.owner}")
+        until = time.strftime("%H:%M:%S", time.localtime(record.deadline))
+        return JobStatus("failed", f"its process {record.owner} stopped renewing its liveness record (due {until}): "
+                                   "it died or never started")
 
     def _follow(self, job: PhaseJob, now: float) -> None:
         read_log = getattr(self.backend, "read_log", None)  # only backends that can stream have it
@@ -197,9 +266,9 @@ class Driver:
                 if run is not None and pipeline.run_status(run) in OVER:
                     return run
                 if self.idle:
-                    time.sleep(TICK_SECONDS)
+                    self.backend.idle()
         except KeyboardInterrupt:
-            self._let_go()
+            self.let_go()
             phase = self.watching.phase if self.watching else None
             print(f"\ndetached from run {self.run_id}" + (f"; phase {phase} keeps running" if phase else "") +
                   f".\n  follow it again: python -m jobs.controller resume {self.run_id}{store_flag(self.store)}"
@@ -207,7 +276,7 @@ class Driver:
                   flush=True)
             sys.exit(130)
 
-    def _let_go(self) -> None:
+    def let_go(self) -> None:
         for _ in range(5):
             run, version = read_run(self.store, self.run_id)
             if pipeline.lease_holder(run, time.time()) != self.owner:

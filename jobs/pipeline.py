@@ -61,6 +61,7 @@ class PhaseState:
     ended_at: float | None = None
     error: str = ""
     job_name: str = ""
+    job_seen: bool = False  # the backend showed this attempt's job: once it is gone, it ended (never "not started")
 
 
 @dataclass
@@ -175,6 +176,14 @@ def mark_running(run: RunState, phase: str, attempt: int, job_name: str, now: fl
     _require(action == Action("submit", phase, attempt), f"cannot submit {phase} attempt {attempt}: next is {action}")
     p = run.phases[phase]
     p.state, p.attempt, p.started_at, p.ended_at, p.error, p.job_name = RUNNING, attempt, now, None, "", job_name
+    p.job_seen = False
+
+
+def mark_seen(run: RunState, phase: str) -> None:
+    """Record that the running attempt's job exists, before anything can delete it."""
+    p = run.phases[phase]
+    _require(p.state == RUNNING, f"{phase} is {p.state}, not running")
+    p.job_seen = True
 
 
 def mark_succeeded(run: RunState, phase: str, now: float) -> None:
@@ -265,7 +274,7 @@ _OPTIONAL_NUMBER = (int, float, type(None))
 _RUN_FIELDS = {"run_id": str, "preset": str, "backend": str, "created_at": _NUMBER, "lease": (dict, type(None)),
                "phases": dict, "config": dict}
 _PHASE_FIELDS = {"state": str, "attempt": int, "failures": int, "started_at": _OPTIONAL_NUMBER,
-                 "ended_at": _OPTIONAL_NUMBER, "error": str, "job_name": str}
+                 "ended_at": _OPTIONAL_NUMBER, "error": str, "job_name": str, "job_seen": bool}
 _LEASE_FIELDS = {"owner": str, "expires_at": _NUMBER}
 
 
@@ -282,7 +291,7 @@ def _check_fields(d, fields: dict, where: str) -> None:
         value = d[key]
         # bool is an int to Python, never to run.json; NaN and infinity are no times
         not_finite = isinstance(value, float) and not math.isfinite(value)
-        if isinstance(value, bool) or not isinstance(value, types) or not_finite:
+        if isinstance(value, bool) and types is not bool or not isinstance(value, types) or not_finite:
             raise RunFileError(f"{where}.{key} has the wrong type or value: {value!r}")
 
 
@@ -295,7 +304,7 @@ def from_dict(d: dict, where: str = "run.json") -> RunState:
         _check_fields(d["phases"], {name: dict for name in PHASES}, f"{where}: phases")
         phases = {}
         for name in PHASES:
-            pd = d["phases"][name]
+            pd = {"job_seen": False, **d["phases"][name]}  # run.json files from before job_seen lack it
             _check_fields(pd, _PHASE_FIELDS, f"{where}: phases.{name}")
             if pd["state"] not in STATES:
                 raise RunFileError(f"{where}: phases.{name}.state is {pd['state']!r}, not one of {', '.join(STATES)}")

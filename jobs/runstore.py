@@ -16,6 +16,7 @@ from jobs import pipeline
 from jobs.config import ConfigError, complete, validate
 from vibechat.common import VibechatError
 from vibechat.layout import RUN_FILE, RUNS_DIR, in_run, run_dir, run_ids
+from vibechat.liveness import owner_id  # noqa: F401 (controllers and phases name themselves alike)
 from vibechat.storage import PreconditionFailed, Store
 
 LEASE_SECONDS = 60  # a controller that stops renewing loses its run after this long
@@ -93,10 +94,6 @@ def create_run(store: Store, preset: str, config: dict, backend: str, run_id: st
 
 
 # --- leases -------------------------------------------------------------------------------------
-
-def owner_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
 
 def owner_alive(owner: str) -> bool:
     """Whether a lease owner may still be driving: checked for a process of this machine, assumed for others."""

@@ -94,6 +94,13 @@ def test_unknown_depth_is_one_line_and_exit_code_2(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_fp8_without_an_fp8_gpu_is_one_line_and_exit_code_2_before_any_step(tmp_path):
+    result = run_phase("jobs.base_train", [*ARGS, "--fp8"], make_store(str(tmp_path)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: --fp8 needs an NVIDIA GPU with FP8 matmuls")
+    assert "step 1/" not in result.stdout
+
+
 def test_checkpoint_of_another_architecture_is_refused_and_kept(tmp_path):
     env = make_store(str(tmp_path))
     assert run_phase("jobs.base_train", ARGS, env).returncode == 0

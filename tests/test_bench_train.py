@@ -51,3 +51,11 @@ def test_a_total_batch_that_is_not_a_multiple_of_the_micro_batch_is_refused():
     with pytest.raises(VibechatError, match="--total-batch-size 100 is not a multiple"):
         main(["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--vocab-size=256", "--steps=1",
               "--compile=off", "--device=cpu", "--total-batch-size=100"])
+
+
+def test_fp8_on_a_cpu_is_one_clear_error_not_a_fallback():
+    from vibechat.common import VibechatError
+
+    with pytest.raises(VibechatError, match="--fp8 needs an NVIDIA GPU with FP8 matmuls.*this run is on cpu"):
+        main(["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--vocab-size=256", "--steps=1",
+              "--compile=off", "--device=cpu", "--fp8"])

@@ -3,36 +3,23 @@
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 
 import pytest
-import torch
 
 from jobs.chat_cli import TOOL_MARKERS
-from vibechat.checkpoint_manager import save_checkpoint
+from tests.model_fixtures import write_chat_checkpoint
 from vibechat.engine import Engine
-from vibechat.gpt import GPT, GPTConfig
+from vibechat.gpt import GPT
 from vibechat.tokenizer import RustBPETokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TEXTS = ["hello there, how are you today?", "the sky is blue because air scatters blue light",
-         "two plus three is five", "a quick brown fox jumps over the lazy dog"] * 20
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A base dir holding a trained 300-token tokenizer and an sft checkpoint of a tiny random GPT."""
     base = tmp_path_factory.mktemp("run")
-    tokenizer = RustBPETokenizer.train_from_iterator(iter(TEXTS), vocab_size=300)
-    tokenizer.save(str(base / "tokenizer"))
-    torch.manual_seed(0)
-    config = GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=32)
-    model = GPT(config)
-    model.init_weights()
-    for p in model.parameters():  # past init, where every block is the identity
-        p.data.normal_(std=0.3)
-    save_checkpoint(str(base / "checkpoints" / "sft" / "d2"), 0, model.state_dict(), None,
-                    {"step": 0, "model_config": asdict(config)})
+    model, tokenizer = write_chat_checkpoint(base, sequence_len=64)
     return base, model, tokenizer
 
 

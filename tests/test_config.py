@@ -2,7 +2,7 @@
 
 import pytest
 
-from jobs.config import ConfigError, PHASE_DEFAULTS, load_config, preset_names
+from jobs.config import CPU_RESOURCES, GPU_RESOURCES, KUBERNETES_DEFAULTS, ConfigError, PHASE_DEFAULTS, load_config, preset_names
 from jobs.pipeline import PHASE_PROGRAMS, PHASES, phase_argv
 from tasks.registry import TASKS
 
@@ -102,7 +102,7 @@ def test_an_empty_user_config_is_the_preset(tmp_path):
      "unknown key 'phases.pretrain'; valid keys under 'phases': data, tokenizer, tokenizer_eval, base, base_eval"),
     ("phases: {base: {argz: {depth: 4}}}\n",
      "unknown key 'phases.base.argz' (did you mean 'args'?); valid keys under 'phases.base': module, args, skip, "
-     "nnodes, nproc_per_node, gpus_per_node"),
+     "nnodes, nproc_per_node, gpus_per_node, resources"),
     ("kubernetes: {namespce: ml}\n", "unknown key 'kubernetes.namespce' (did you mean 'namespace'?)"),
 ])
 def test_an_unknown_key_is_named_with_the_valid_ones_at_its_level(tmp_path, text, message):
@@ -122,11 +122,39 @@ def test_an_unknown_key_is_named_with_the_valid_ones_at_its_level(tmp_path, text
     ("dataset: [a, b]\n", "'dataset' should be a string, not ['a', 'b']"),
     ("- dataset\n", "should be a mapping of keys (dataset:, phases:, ...), not a list"),
     ("phases: {base: {args: [}\n", "is not valid YAML"),
+    ("kubernetes: {queue: 3}\n", "'kubernetes.queue' should be a string or null, not 3"),
+    ("kubernetes: {node_selector: {gpu: true}}\n", "'kubernetes.node_selector' should be a mapping of strings to strings"),
+    ("kubernetes: {env: [A=1]}\n", "'kubernetes.env' should be a mapping of strings to strings"),
+    ("kubernetes: {tolerations: [{key: gpu, efect: NoSchedule}]}\n",
+     "'kubernetes.tolerations' should be a list of Kubernetes tolerations, mappings with keys key, operator"),
+    ("kubernetes: {affinity: {nodeAfinity: {}}}\n", "'kubernetes.affinity' should be a Kubernetes affinity"),
+    ("kubernetes: {image_pull_secrets: regcred}\n", "'kubernetes.image_pull_secrets' should be a list of names"),
+    ("kubernetes: {gang_scheduling: 2}\n", "'kubernetes.gang_scheduling' should be true or false"),
+    ("phases: {base: {resources: {memory: 64GB}}}\n",
+     "'phases.base.resources.memory' should be a Kubernetes quantity like 4, 500m or 64Gi, not '64GB'"),
+    ("phases: {base: {resources: {cpu: true}}}\n", "'phases.base.resources.cpu' should be a Kubernetes quantity"),
+    ("phases: {base: {resources: {gpus: 8}}}\n", "unknown key 'phases.base.resources.gpus'"),
 ])
 def test_a_wrong_value_is_named_with_what_it_should_be(tmp_path, text, message):
     with pytest.raises(ConfigError) as e:
         load_config("tiny", user_config(tmp_path, text))
     assert message in str(e.value)
+
+
+def test_a_guaranteed_phase_needs_whole_cpus(tmp_path):
+    path = user_config(tmp_path, "phases: {base: {resources: {cpu: 1500m, guaranteed: true}}}\n")
+    with pytest.raises(ConfigError, match="phases.base.resources.guaranteed needs whole CPUs, but cpu is '1500m'"):
+        load_config("tiny", path)
+
+
+def test_kubernetes_settings_default_to_no_queue_no_placement_and_the_vibechat_s3_secret():
+    assert load_config("tiny")["kubernetes"] == {**KUBERNETES_DEFAULTS, "namespace": "vibechat", "image": "vibechat:0.1.0"}
+
+
+def test_a_phase_gets_the_cpu_or_gpu_pod_size_with_its_own_keys_over_it(tmp_path):
+    config = load_config("d20", user_config(tmp_path, "phases: {base: {resources: {memory: 512Gi}}}\n"))
+    assert config["phases"]["tokenizer"]["resources"] == CPU_RESOURCES
+    assert config["phases"]["base"]["resources"] == {**GPU_RESOURCES, "memory": "512Gi"}
 
 
 def test_an_unknown_preset_lists_the_presets():

@@ -26,6 +26,7 @@ from jobs.controller import main as controller_main
 from jobs.console import Console
 from jobs.pipeline import PHASES
 from jobs.runstore import check_run_id, create_run, list_run_ids, new_run_id
+from vibechat import liveness
 from vibechat.common import run_main
 from vibechat.storage import open_store
 
@@ -111,9 +112,9 @@ def group_alive(pgid: int) -> bool:
 
 @pytest.fixture(autouse=True)
 def no_stray_jobs(store_url):
-    """Whatever a test leaves running in its store is stopped at its end."""
+    """Whatever a test leaves running in its store (or in the HOMEs it gave controllers) is stopped at its end."""
     yield
-    for pid_file in (Path(store_url) / "local-jobs").glob("*/pid.json"):
+    for pid_file in Path(store_url).parent.rglob("local-jobs/**/pid.json"):
         try:
             os.killpg(json.loads(pid_file.read_text())["pid"], signal.SIGKILL)
         except ProcessLookupError:
@@ -342,6 +343,68 @@ def test_a_run_on_an_s3_store_keeps_its_state_and_logs_there(s3_url, tmp_path, m
     assert pipeline.run_status(pipeline.from_dict(json.loads(store.get_text("runs/s3/run.json")))) == "succeeded"
     assert "step 3/3" in store.get_text("runs/s3/logs/base-1.log")
     assert (tmp_path / "home" / ".cache" / "vibechat" / "local-jobs").is_dir()
+
+
+def orphan_on_machine1(s3_url, tmp_path, monkeypatch) -> Path:
+    """Run `two` with its base phase mid-way on "machine 1" (a HOME of its own) and its controller killed; HOME is
+    then "machine 2"'s. Returns the gate that lets the phase finish."""
+    gate = tmp_path / "gate"
+    config = fake_config(tmp_path, phases=("base",), args={"base": {"gate": str(gate)}})
+    monkeypatch.setenv("HOME", str(tmp_path / "machine1"))  # the local backend keeps its job folders under HOME
+    first = controller_bg("start", "--preset", "ci", "--config", config, "--run-id", "two", store=s3_url,
+                          out=tmp_path / "first.out")
+    wait_for(lambda: checkpoint_step(s3_url, "two", "base") >= 1, "base to be mid-way")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    monkeypatch.setenv("HOME", str(tmp_path / "machine2"))
+    return gate
+
+
+def test_a_phase_alive_on_another_machine_is_followed_not_started_again(s3_url, tmp_path, monkeypatch):
+    gate = orphan_on_machine1(s3_url, tmp_path, monkeypatch)
+    second = controller_bg("resume", "two", store=s3_url, out=tmp_path / "second.out")
+    try:
+        wait_for(lambda: "following vibechat-two-base-1, running on" in (tmp_path / "second.out").read_text(),
+                 "the second controller to follow the phase", timeout=60)
+        gate.touch()
+        assert second.wait(timeout=120) == 0, (tmp_path / "second.out").read_text()
+    finally:
+        second.kill()
+    assert len(trail(s3_url, "two", "base", "starts")) == 1  # one phase process, on the first machine
+    assert len(trail(s3_url, "two", "base", "completions")) == 1
+    run = run_json(s3_url, "two")
+    assert run.phases["base"].state == "succeeded" and run.phases["base"].attempt == 1
+    assert not (tmp_path / "machine2" / ".cache" / "vibechat" / "local-jobs").exists()
+
+
+def test_a_phase_stopped_from_another_machine_is_not_run_twice_at_once(s3_url, tmp_path, monkeypatch):
+    gate = orphan_on_machine1(s3_url, tmp_path, monkeypatch)
+    assert controller("stop", "two", store=s3_url).returncode == 0  # machine 2 cannot reach machine 1's process
+    second = controller_bg("resume", "two", store=s3_url, out=tmp_path / "second.out")
+    try:
+        wait_for(lambda: "waiting for vibechat-two-base-1 to end, still running on" in
+                 (tmp_path / "second.out").read_text(), "the second controller to wait", timeout=60)
+        gate.touch()
+        assert second.wait(timeout=120) == 0, (tmp_path / "second.out").read_text()
+    finally:
+        second.kill()
+    starts = trail(s3_url, "two", "base", "starts")
+    assert [line.split()[1] for line in starts] == ["0", "3"]  # attempt 2 started once attempt 1 had finished
+    assert run_json(s3_url, "two").phases["base"].attempt == 2
+
+
+def test_a_phase_whose_liveness_record_expired_elsewhere_is_known_dead_and_retried(s3_url, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    store = open_store(s3_url)
+    run = create_run(store, "ci", load_config("ci", fake_config(tmp_path, phases=("base",))), "local", "dead",
+                     owner=None)
+    pipeline.mark_running(run, "base", 1, "vibechat-dead-base-1", time.time() - 300)
+    store.put_text("runs/dead/run.json", json.dumps(pipeline.to_dict(run)))
+    liveness.write(store, "dead", "base", 1, liveness.Liveness("machine1:4242", time.time() - 200))
+    r = controller("resume", "dead", store=s3_url)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "base: attempt 1 failed: its process machine1:4242 stopped renewing its liveness record" in r.stdout
+    assert run_json(s3_url, "dead").phases["base"].attempt == 2
 
 
 def test_a_10_second_s3_outage_mid_phase_is_ridden_out_without_a_resume(own_s3, tmp_path, monkeypatch):

@@ -24,7 +24,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 # 2 sequences x 32 tokens x 2 ranks = 128 tokens per step, no accumulation; enough steps that a rank
 # killed after the first checkpoint dies mid-run
 ARGS = ["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--total-batch-size=128", "--num-iterations=40",
-        "--eval-every=10", "--eval-tokens=128", "--save-every=10", "--dtype=float32"]
+        "--eval-every=10", "--eval-tokens=128", "--save-every=10", "--keep-last=0", "--dtype=float32"]
 SAVED_STEPS = [10, 20, 30, 40]
 TEARDOWN_S = 60  # a job with a dead rank must be over by then, not wait out the collective timeout (10-30 min)
 

@@ -7,8 +7,9 @@ import torch.nn as nn
 from vibechat.common import VibechatError
 from functools import partial
 
-from vibechat.engine import (Engine, KVCache, _decode_and_sample, _DecodeWeights, _forward_step, _fused_step,
-                             _StepCache, sample_next_token)
+from vibechat.engine import (ContinuousBatcher, Engine, KVCache, Sequence, _decode_and_sample, _DecodeWeights,
+                             _forward_step, _fused_step, _StepCache, counter_uniform, gumbel_sample,
+                             sample_next_token)
 from vibechat.gpt import GPT, GPTConfig
 from vibechat.tokenizer import SPECIAL_TOKENS
 
@@ -400,3 +401,156 @@ def test_top_k_above_the_vocabulary_size_keeps_every_token():
     engine = gpt_engine()
     clamped = engine.generate_batch([4, 2], num_samples=3, max_tokens=10, top_k=10 * VOCAB, seed=1)
     assert clamped == engine.generate_batch([4, 2], num_samples=3, max_tokens=10, top_k=None, seed=1)
+
+
+# --- continuous batching ---
+
+def batcher(max_batch: int = 32) -> ContinuousBatcher:
+    return ContinuousBatcher(random_gpt(), CharTokenizer(first_special=VOCAB), max_batch=max_batch)
+
+
+def submit(batcher: ContinuousBatcher, prompt: list[int], max_tokens: int = 20, **kwargs) -> tuple[list, list]:
+    """Queue a sequence; returns the lists its tokens and its finish reason will be appended to."""
+    tokens, finish = [], []
+    batcher.submit(Sequence(prompt, max_tokens, lambda t, m: tokens.append(t), finish.append, **kwargs))
+    return tokens, finish
+
+
+def drain(batcher: ContinuousBatcher) -> None:
+    while batcher.step():
+        pass
+
+
+def prompts(count: int, seed: int = 1) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (int(torch.randint(1, 20, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(count)]
+
+
+def test_batched_greedy_tokens_equal_the_engines_whether_alone_or_among_31_others():
+    b = batcher()
+    alone = []
+    for prompt in prompts(32):
+        tokens, finish = submit(b, prompt)
+        drain(b)
+        assert finish == ["length"]
+        alone.append(tokens)
+    together = [submit(b, prompt)[0] for prompt in prompts(32)]
+    drain(b)
+    assert together == alone
+    engine = Engine(b.model, b.engine.tokenizer)
+    first = prompts(1)[0]
+    assert engine.generate_batch(first, max_tokens=20, temperature=0.0)[0][0][len(first):] == alone[0]
+
+
+def test_a_sequence_that_joins_a_running_batch_gets_the_tokens_it_gets_alone():
+    b = batcher()
+    first, second = prompts(2)
+    alone = submit(b, second)[0]
+    drain(b)
+    running = submit(b, first, max_tokens=30)[0]
+    for _ in range(5):
+        b.step()
+    joined = submit(b, second)[0]
+    drain(b)
+    assert joined == alone and len(running) == 30
+
+
+def test_a_seeded_sampled_sequence_repeats_alone_or_batched_and_other_seeds_differ():
+    b = batcher()
+    prompt = prompts(1)[0]
+    alone = submit(b, prompt, temperature=1.0, top_k=20, seed=7)[0]
+    drain(b)
+    batch = [submit(b, prompt, temperature=1.0, top_k=20, seed=seed)[0] for seed in (7, 8, 9)]
+    drain(b)
+    assert batch[0] == alone and batch[1] != alone and batch[2] != batch[1]
+
+
+def test_a_sequence_ends_at_max_tokens_or_when_the_context_is_full():
+    b = batcher()
+    short, finish = submit(b, [1, 2, 3], max_tokens=4)
+    long, long_finish = submit(b, [1] * 40, max_tokens=100)
+    drain(b)
+    assert (len(short), finish) == (4, ["length"])
+    assert (len(long), long_finish) == (48 - 40, ["length"])
+
+
+def test_a_cancelled_sequence_frees_its_row_at_the_next_step():
+    b = batcher(max_batch=1)
+    tokens, finish = [], []
+    sequence = Sequence([1, 2], 30, lambda t, m: tokens.append(t), finish.append)
+    b.submit(sequence)
+    b.step()
+    sequence.cancelled = True
+    queued, queued_finish = submit(b, [3, 4], max_tokens=3)
+    b.step()
+    assert finish == ["cancelled"] and b.num_running() == 1 and len(queued) == 2
+    drain(b)
+    assert queued_finish == ["length"]
+
+
+def test_a_full_batch_queues_sequences_until_a_row_frees():
+    b = batcher(max_batch=2)
+    outputs = [submit(b, prompt, max_tokens=5) for prompt in prompts(3)]
+    b.step()
+    assert (b.num_running(), b.num_waiting()) == (2, 1)
+    drain(b)
+    assert [finish for _, finish in outputs] == [["length"]] * 3
+
+
+@pytest.mark.parametrize("prompt, kwargs, message", [
+    ([], {}, "prompt is empty"),
+    ([VOCAB + 50], {}, "not an id in the vocabulary"),
+    ([1] * 48, {}, "fills the model's context"),
+    ([1], {"temperature": -1.0}, "temperature"),
+    ([1], {"top_k": 0}, "top_k"),
+])
+def test_a_bad_sequence_is_refused_at_submit_and_nothing_is_queued(prompt, kwargs, message):
+    b = batcher()
+    with pytest.raises(VibechatError, match=message):
+        submit(b, prompt, **kwargs)
+    assert b.num_waiting() == 0
+
+
+def test_counter_noise_is_uniform_in_the_open_interval_and_a_function_of_seed_and_counter():
+    seeds, counters = torch.arange(1000) * 7919, torch.arange(1000) % 13
+    noise = counter_uniform(seeds, counters, 100)
+    assert 0 < noise.min() and noise.max() < 1
+    counts = torch.histc(noise, bins=10, min=0, max=1)
+    assert ((counts - 10_000).abs() < 500).all()
+    assert torch.equal(counter_uniform(seeds[:3], counters[:3], 100), noise[:3])
+    assert not torch.equal(counter_uniform(seeds[:3], counters[:3] + 1, 100), noise[:3])
+
+
+def test_batched_samples_follow_the_softmax_of_the_top_k_at_the_temperature():
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]]).expand(20_000, -1)
+    noise = counter_uniform(torch.arange(20_000), torch.zeros(20_000, dtype=torch.long), 4)
+    draws = gumbel_sample(logits, noise, 0.7, 4, torch.full((20_000,), 3))[:, 0]
+    expected = torch.softmax(logits[0, :3] / 0.7, dim=0)
+    assert torch.allclose(torch.bincount(draws, minlength=5)[:3] / 20_000, expected, atol=0.015)
+    assert (draws < 3).all()
+
+
+def test_a_batched_calculator_call_gets_its_result_forced_in_and_fed_back_as_the_rows_next_inputs():
+    tokenizer = CharTokenizer(first_special=VOCAB)
+    special = tokenizer.encode_special
+    b = ContinuousBatcher(random_gpt(), tokenizer)
+    call = [special("<|python_start|>"), *tokenizer.encode("2+3"), special("<|python_end|>")]
+    # the three columns sampled while the tool's output is forced are dropped
+    script = iter(call + tokenizer.encode("xyz") + tokenizer.encode("k") + [special("<|assistant_end|>")])
+    inputs = []
+
+    def scripted_step() -> torch.Tensor:  # stands in for the decode step: records its input, writes the script
+        inputs.append(int(b.tokens[0, 0]))
+        b.tokens[0, 0] = next(script)
+        return b.tokens[:1]
+
+    b._steps[1] = scripted_step
+    emitted, finish = [], []
+    b.submit(Sequence([1, 2], 30, lambda t, m: emitted.append((t, m)), finish.append))
+    drain(b)
+    forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
+    expected = call + forced + tokenizer.encode("k") + [special("<|assistant_end|>")]
+    assert [t for t, _ in emitted[1:]] == expected and finish == ["stop"]
+    assert [m for _, m in emitted[1:]] == [1] * len(call) + [0] * len(forced) + [1, 1]
+    assert inputs[1:] == [t for t, _ in emitted[1:-1]]  # each step read the token emitted before it

@@ -69,8 +69,31 @@ def phase_job(program: str, nnodes: int = 1, gpus: int = 8, run_id: str = RUN_ID
     ), **changes)
 
 
-def render(job: PhaseJob) -> dict:
-    return render_pytorchjob(job, image="registry.example/vibechat:0.1.0", namespace="vibechat")
+def render(job: PhaseJob, settings: dict | None = None) -> dict:
+    return render_pytorchjob(job, image="registry.example/vibechat:0.1.0", namespace="vibechat", settings=settings)
+
+
+def pod_spec(job: dict, replica: str = "Master") -> dict:
+    return job["spec"]["pytorchReplicaSpecs"][replica]["template"]["spec"]
+
+
+# each new kubernetes setting, as a platform team would set it
+SETTINGS = {
+    "queue": {"queue": "team-a"},
+    "priority_class": {"priority_class": "training-high"},
+    "gang_scheduling": {"gang_scheduling": True},
+    "node_selector": {"node_selector": {"cloud.google.com/gke-nodepool": "h100", "topology.kubernetes.io/zone": "a"}},
+    "tolerations": {"tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"},
+                                    {"key": "spot", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 60}]},
+    "affinity": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.product", "operator": "In", "values": ["NVIDIA-H100-80GB-HBM3"]}]}]}}}},
+    "service_account": {"service_account": "vibechat-phase"},
+    "image_pull_secrets": {"image_pull_secrets": ["regcred", "mirror"]},
+    "s3_secret": {"s3_secret": "team-a-bucket"},
+    "env": {"env": {"NCCL_DEBUG": "WARN", "HF_HUB_OFFLINE": "1"}},
+}
+SETTINGS["all"] = {k: v for one in SETTINGS.values() for k, v in one.items()}
+RESOURCES = {"guaranteed": {"cpu": 32, "memory": "256Gi", "ephemeral_storage": "500Gi", "guaranteed": True}}
 
 
 def master_container(job: dict) -> dict:
@@ -217,9 +240,99 @@ def test_webhook_rules_reject_two_masters():
     assert webhook_errors(job) == ["Master replicas must be 1"]
 
 
-def test_every_phase_program_has_a_template():
-    programs = {module.removeprefix("jobs.") for module, _ in pipeline.PHASE_PROGRAMS.values()}
-    assert programs == {p.stem for p in (K8S / "phases").glob("*.yaml")} == set(GPU_PROGRAMS + CPU_PROGRAMS)
+@pytest.mark.parametrize("variant", [*SETTINGS, *RESOURCES])
+def test_every_rendered_job_with_each_setting_validates_strictly(crd_validator, variant):
+    for param in cases():
+        job = param.values[0]
+        if variant in RESOURCES:
+            job = replace(job, resources=RESOURCES[variant])
+        manifest = render(job, SETTINGS.get(variant))
+        assert schema_errors(crd_validator, manifest) == [] and webhook_errors(manifest) == [], param.id
+        for kind, spec in manifest["spec"]["pytorchReplicaSpecs"].items():
+            wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": kind.lower()}, "template": spec["template"]}
+            assert k8s_errors(wrapper, K8S_VERSIONS[-1]) == [], f"{param.id} {kind}"
+
+
+def test_every_phase_program_runs_from_the_one_template():
+    for module, _ in pipeline.PHASE_PROGRAMS.values():
+        container = master_container(render(phase_job(module.removeprefix("jobs."))))
+        assert container["command"][-2:] == ["-m", module]
+    assert [p.name for p in (K8S / "phases").iterdir()] == ["pytorchjob.yaml"]
+
+
+def test_a_queue_creates_the_job_suspended_and_labelled_for_kueue():
+    job = render(phase_job("base_train"), SETTINGS["queue"])
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert job["spec"]["runPolicy"]["suspend"] is True
+
+
+def test_without_a_queue_the_job_starts_at_once():
+    job = render(phase_job("base_train"))
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"] and "suspend" not in job["spec"]["runPolicy"]
+
+
+def test_gang_scheduling_asks_for_all_nodes_at_once_at_the_priority_class():
+    job = render(phase_job("base_train", nnodes=4), {"gang_scheduling": True, "priority_class": "training-high"})
+    assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 4, "priorityClass": "training-high"}
+    assert "schedulingPolicy" not in render(phase_job("base_train", nnodes=4))["spec"]["runPolicy"]
+
+
+def test_placement_settings_reach_every_pod_of_the_job():
+    job = render(phase_job("base_train", nnodes=2), SETTINGS["all"])
+    for replica in ("Master", "Worker"):
+        pod = pod_spec(job, replica)
+        assert pod["nodeSelector"] == SETTINGS["node_selector"]["node_selector"]
+        assert pod["tolerations"][:2] == SETTINGS["tolerations"]["tolerations"]
+        assert pod["affinity"] == SETTINGS["affinity"]["affinity"]
+        assert pod["priorityClassName"] == "training-high"
+        assert pod["serviceAccountName"] == "vibechat-phase"
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+        container = pod["containers"][0]
+        assert {"secretRef": {"name": "team-a-bucket", "optional": True}} in container["envFrom"]
+        assert {"name": "NCCL_DEBUG", "value": "WARN"} in container["env"]
+
+
+def test_gpu_pods_tolerate_the_gpu_taint_and_cpu_pods_do_not():
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec(render(phase_job("base_train")))["tolerations"]
+    assert "tolerations" not in pod_spec(render(phase_job("tok_train")))
+
+
+def test_run_env_wins_over_the_extra_env():
+    container = master_container(render(phase_job("base_train"), {"env": {"VIBECHAT_RUN": "other"}}))
+    assert [e["value"] for e in container["env"] if e["name"] == "VIBECHAT_RUN"] == [RUN_ID]
+
+
+def test_a_guaranteed_phase_limits_cpu_memory_and_scratch_to_its_requests():
+    resources = master_container(render(phase_job("base_train", resources=RESOURCES["guaranteed"])))["resources"]
+    assert resources["requests"] == resources["limits"] == {
+        "cpu": "32", "memory": "256Gi", "ephemeral-storage": "500Gi", "nvidia.com/gpu": 8}
+
+
+def test_a_burstable_phase_has_no_cpu_limit():
+    resources = master_container(render(phase_job("tok_train")))["resources"]
+    assert resources["requests"] == {"cpu": "2", "memory": "8Gi", "ephemeral-storage": "20Gi"}
+    assert resources["limits"] == {"memory": "8Gi", "ephemeral-storage": "20Gi"}
+
+
+def test_phase_pods_write_only_to_size_limited_scratch_and_shared_memory():
+    pod = pod_spec(render(phase_job("base_train", resources={"ephemeral_storage": "300Gi", "memory": "96Gi"})))
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v["emptyDir"] for v in pod["volumes"]}
+    assert volumes == {"dshm": {"medium": "Memory", "sizeLimit": "96Gi"}, "scratch": {"sizeLimit": "300Gi"}}
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/dev/shm", "/tmp", "/home/vibechat"}
+
+
+def test_a_template_in_the_configmap_wins_over_the_image_copy(tmp_path, monkeypatch):
+    edited = (K8S / "phases" / "pytorchjob.yaml").read_text().replace("cleanPodPolicy: Running", "cleanPodPolicy: All")
+    (tmp_path / "pytorchjob.yaml").write_text(edited)
+    monkeypatch.setenv("VIBECHAT_PHASE_TEMPLATE", str(tmp_path / "pytorchjob.yaml"))
+    assert render(phase_job("report"))["spec"]["runPolicy"]["cleanPodPolicy"] == "All"
+
+
+def test_without_the_configmap_the_image_template_is_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("VIBECHAT_PHASE_TEMPLATE", str(tmp_path / "not-mounted.yaml"))
+    assert render(phase_job("report"))["spec"]["runPolicy"]["cleanPodPolicy"] == "Running"
 
 
 def test_job_and_its_pods_carry_the_run_and_phase_labels():
@@ -255,7 +368,8 @@ def test_job_restarts_failed_containers_a_bounded_number_of_times():
     assert {s["restartPolicy"] for s in job["spec"]["pytorchReplicaSpecs"].values()} == {"OnFailure"}
     # the operator counts container restarts against backoffLimit only for OnFailure/Always
     assert job["spec"]["runPolicy"]["backoffLimit"] == 2
-    assert job["spec"]["runPolicy"]["ttlSecondsAfterFinished"] > 0
+    # nothing deletes a job before the controller recorded its end (it sets the TTL then)
+    assert "ttlSecondsAfterFinished" not in job["spec"]["runPolicy"]
 
 
 def test_trainer_runs_under_torchrun_from_the_operator_variables():
@@ -307,26 +421,27 @@ def test_local_store_is_refused_for_pods():
         render(job)
 
 
-def test_program_without_template_is_refused():
-    with pytest.raises(KubernetesError, match=r"no PyTorchJob template for jobs.chat_web: expected .*chat_web.yaml"):
-        render(phase_job("base_train", module="jobs.chat_web"))
+def test_a_missing_template_is_named(tmp_path):
+    with pytest.raises(KubernetesError, match=r"the PyTorchJob template .*gone.yaml does not exist"):
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", template=tmp_path / "gone.yaml")
 
 
-def test_cpu_template_refuses_two_nodes():
-    with pytest.raises(KubernetesError, match="no Worker replicas"):
-        render(phase_job("tok_train", nnodes=2))
+def test_a_queue_name_that_is_no_label_value_is_refused():
+    with pytest.raises(KubernetesError, match="kubernetes.queue 'team a' cannot be a label value"):
+        render(phase_job("base_train"), {"queue": "team a"})
 
 
-def test_cpu_template_refuses_gpus():
-    with pytest.raises(KubernetesError, match="requests no nvidia.com/gpu but .* asks for 8 per node"):
-        render(phase_job("report", gpus_per_node=8))
+def test_a_template_that_is_no_pytorchjob_is_named(tmp_path):
+    (tmp_path / "pytorchjob.yaml").write_text("apiVersion: v1\nkind: ConfigMap\n")
+    with pytest.raises(KubernetesError, match=r"pytorchjob.yaml is not a PyTorchJob with Master replicas"):
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", template=tmp_path / "pytorchjob.yaml")
 
 
 def test_unknown_placeholder_in_a_template_is_named(tmp_path):
-    text = (K8S / "phases" / "report.yaml").read_text().replace("${IMAGE}", "${IMAGE_REF}")
-    (tmp_path / "report.yaml").write_text(text)
+    text = (K8S / "phases" / "pytorchjob.yaml").read_text().replace("${IMAGE}", "${IMAGE_REF}")
+    (tmp_path / "pytorchjob.yaml").write_text(text)
     with pytest.raises(KubernetesError, match=r"unknown placeholder \$\{IMAGE_REF\}"):
-        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", templates_dir=tmp_path)
+        render_pytorchjob(phase_job("report"), "vibechat:1", "vibechat", template=tmp_path / "pytorchjob.yaml")
 
 
 # --- kubectl apply -f k8s/ -----------------------------------------------------------------------------
@@ -351,25 +466,18 @@ def test_namespace_is_applied_first_and_holds_everything_else():
     assert {d["metadata"]["namespace"] for d in namespaced} == {"vibechat"}
 
 
-def test_controller_role_grants_only_jobs_pods_logs_and_its_lease():
+def test_controller_lease_rights_are_limited_to_its_own_lease():
     rules = find("Role", "vibechat-controller")["rules"]
-    granted = {
-        (group, resource, verb, tuple(rule.get("resourceNames", [])))
-        for rule in rules for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]
-    }
-    assert granted == {
-        *(("kubeflow.org", "pytorchjobs", v, ()) for v in ("create", "get", "list", "watch", "delete")),
-        *(("", r, v, ()) for r in ("pods", "pods/log") for v in ("get", "list", "watch")),
-        ("coordination.k8s.io", "leases", "create", ()),
-        *(("coordination.k8s.io", "leases", v, ("vibechat-controller",)) for v in ("get", "patch")),
-    }
+    named = [r for r in rules if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                      "resourceNames": ["vibechat-controller"], "verbs": ["get", "patch"]}]
 
 
 def test_controller_serves_with_leader_election_as_the_bound_service_account():
     deployment = find("Deployment", "vibechat-controller")
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == find("RoleBinding", "vibechat-controller")["subjects"][0]["name"]
-    assert pod["containers"][0]["command"] == ["python", "-m", "jobs.controller", "serve", "--leader-elect"]
+    assert pod["containers"][0]["command"] == ["python", "-m", "jobs.controller", "serve", "--leader-elect", "--http-port=8080"]
     assert deployment["spec"]["replicas"] == 2
     namespace_env = next(e for e in pod["containers"][0]["env"] if e["name"] == "POD_NAMESPACE")
     assert namespace_env["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
@@ -415,7 +523,7 @@ def test_scraped_pods_expose_the_port_they_announce():
     pods = [d["spec"]["template"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")]
     pods.append(render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
     scraped = [p for p in pods if p["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"]
-    assert len(scraped) == 2  # the S3 server and the training master (global rank 0)
+    assert len(scraped) == 3  # the S3 server, the controller and the training master (global rank 0)
     for pod in scraped:
         ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports
@@ -457,6 +565,156 @@ def test_in_cluster_seaweedfs_command_serves_the_bucket_only_with_the_secret_key
         proc.wait(timeout=15)
 
 
+# --- kubectl apply -k: the base and its overlays -------------------------------------------------------
+
+OVERLAYS = sorted(p.name for p in (ROOT / "k8s-overlays").iterdir())
+
+
+@functools.cache
+def kustomize(path: Path) -> tuple[dict, ...]:
+    """What `kubectl apply -k path` would send, built by kubectl's own kustomize."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is missing: install Debian's kubernetes-client (make test does), it ships `kubectl kustomize`")
+    built = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    return tuple(yaml.safe_load_all(built.stdout))
+
+
+def key(doc: dict) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def built(path: Path, kind: str, name: str) -> dict:
+    return next(d for d in kustomize(path) if key(d) == (kind, name))
+
+
+def test_the_kustomize_base_installs_what_apply_f_does_plus_the_phase_template():
+    applied = {key(d): d for d in all_core_objects() if d["kind"] != "Secret"}
+    kustomized = {key(d): d for d in kustomize(K8S)}
+    assert set(kustomized) == set(applied) | {("ConfigMap", "vibechat-phase-template")}
+    assert all(kustomized[k] == applied[k] for k in applied)
+    template = kustomized["ConfigMap", "vibechat-phase-template"]
+    assert template["data"] == {"pytorchjob.yaml": (K8S / "phases" / "pytorchjob.yaml").read_text()}
+
+
+def test_the_controller_reads_the_phase_template_from_the_configmap():
+    pod = find("Deployment", "vibechat-controller")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    path = next(e["value"] for e in container["env"] if e["name"] == "VIBECHAT_PHASE_TEMPLATE")
+    volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == "vibechat-phase-template")
+    mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
+    assert path == f"{mount['mountPath']}/pytorchjob.yaml" and volume["configMap"]["optional"] is True
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_kustomized_object_validates_against_kubernetes_strict_schemas(overlay):
+    path = K8S if overlay == "base" else ROOT / "k8s-overlays" / overlay
+    for doc in kustomize(path):
+        for version in K8S_VERSIONS:
+            assert k8s_errors(doc, version) == [], (key(doc), version)
+
+
+@pytest.mark.parametrize("overlay", ["base", *OVERLAYS])
+def test_every_kustomized_run_config_renders_jobs_that_validate_strictly(crd_validator, overlay, tmp_path):
+    path = K8S if overlay == "base" else ROOT / "k8s-overlays" / overlay
+    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    controller_image = built(path, "Deployment", "vibechat-controller")["spec"]["template"]["spec"]["containers"][0]["image"]
+    for preset in preset_names():
+        config = load_config(preset, str(tmp_path / "cluster.yaml"))
+        assert config["kubernetes"]["image"] == controller_image
+        run = pipeline.new_run(RUN_ID, preset, config, "kubernetes", now=0.0)
+        for phase in pipeline.PHASES:
+            job = driver.phase_job(run, open_store(STORE), phase, attempt=1)
+            k8s = config["kubernetes"]
+            manifest = render_pytorchjob(job, k8s["image"], k8s["namespace"], k8s)
+            assert schema_errors(crd_validator, manifest) == [] and webhook_errors(manifest) == []
+            template = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+            pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "m"}, "template": template}
+            assert k8s_errors(pod_template, K8S_VERSIONS[-1]) == []
+
+
+def test_the_existing_s3_overlay_drops_seaweedfs_and_points_at_the_bucket():
+    docs = kustomize(ROOT / "k8s-overlays" / "existing-s3")
+    assert not [key(d) for d in docs if d["metadata"]["name"] == "vibechat-s3"]
+    data = built(ROOT / "k8s-overlays" / "existing-s3", "ConfigMap", "vibechat-config")["data"]
+    assert "AWS_ENDPOINT_URL" not in data and data["VIBECHAT_STORE"].startswith("s3://")
+
+
+def test_the_gpu_pool_overlay_queues_and_places_the_phase_pods(tmp_path):
+    path = ROOT / "k8s-overlays" / "gpu-pool"
+    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    k8s = load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+    job = render_pytorchjob(phase_job("base_train"), k8s["image"], k8s["namespace"], k8s)
+    assert job["spec"]["runPolicy"]["suspend"] is True
+    assert pod_spec(job)["nodeSelector"] and len(pod_spec(job)["tolerations"]) == 2
+
+
+# --- hardening ------------------------------------------------------------------------------------------
+
+
+def pod_templates() -> dict[str, dict]:
+    """Every pod template this project makes: the core workloads and a phase job's master."""
+    pods = {d["metadata"]["name"]: d["spec"]["template"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")}
+    pods["phase"] = render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+    return pods
+
+
+def test_the_namespace_enforces_the_restricted_pod_security_standard():
+    labels = find("Namespace", "vibechat")["metadata"]["labels"]
+    assert {labels[f"pod-security.kubernetes.io/{mode}"] for mode in ("enforce", "audit", "warn")} == {"restricted"}
+
+
+def test_every_container_has_a_read_only_root_and_writable_scratch_of_bounded_size():
+    for name, template in pod_templates().items():
+        pod = template["spec"]
+        for container in pod["containers"]:
+            assert container["securityContext"]["readOnlyRootFilesystem"] is True, name
+            assert container["resources"]["requests"]["ephemeral-storage"] == container["resources"]["limits"]["ephemeral-storage"], name
+            writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+            assert "/tmp" in writable, name
+        assert all(v["emptyDir"].get("sizeLimit") for v in pod["volumes"] if "emptyDir" in v), name
+
+
+def test_the_controller_keeps_a_replica_through_voluntary_disruptions():
+    budget = find("PodDisruptionBudget", "vibechat-controller")
+    labels = find("Deployment", "vibechat-controller")["spec"]["template"]["metadata"]["labels"]
+    assert budget["spec"]["minAvailable"] == 1 and budget["spec"]["selector"]["matchLabels"].items() <= labels.items()
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions with In/Exists) against a pod's labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for e in selector.get("matchExpressions", []):
+        if e["operator"] == "Exists" and e["key"] not in labels:
+            return False
+        if e["operator"] == "In" and labels.get(e["key"]) not in e["values"]:
+            return False
+    return True
+
+
+def test_ingress_is_denied_unless_a_policy_opens_the_port():
+    policies = [d for d in all_core_objects() if d["kind"] == "NetworkPolicy"]
+    assert any(p["spec"]["podSelector"] == {} and not p["spec"].get("ingress") for p in policies)
+    for name, template in pod_templates().items():
+        ports = {p["containerPort"] for c in template["spec"]["containers"] for p in c.get("ports", [])}
+        opened = {port["port"] for p in policies if selects(p["spec"]["podSelector"], template["metadata"]["labels"])
+                  for rule in p["spec"].get("ingress", []) for port in rule.get("ports", [])}
+        from_peers = any(selects(p["spec"]["podSelector"], template["metadata"]["labels"]) and
+                         any("ports" not in rule for rule in p["spec"].get("ingress", [])) for p in policies)
+        assert ports <= opened or from_peers, name
+
+
+def test_the_phase_pods_reach_each_other_on_any_port_and_only_vibechat_pods_reach_the_store():
+    policy = find("NetworkPolicy", "vibechat-phases")
+    phase_labels = render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["metadata"]["labels"]
+    peers = [r for r in policy["spec"]["ingress"] if "ports" not in r]
+    assert peers and selects(peers[0]["from"][0]["podSelector"], phase_labels)
+    s3 = find("NetworkPolicy", "vibechat-s3")["spec"]["ingress"]
+    assert [r["from"] for r in s3 if {"port": 8333} in r["ports"]] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "vibechat"}}}]]
+
+
 # --- the image ----------------------------------------------------------------------------------------
 
 
@@ -475,3 +733,15 @@ def test_image_dependencies_are_pinned():
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.lock").read_text().splitlines()]
     pins = [line for line in lines if line]
     assert pins and all(re.fullmatch(r"[A-Za-z0-9_.\-\[\]]+==[0-9][^\s;]*", p) for p in pins), pins
+
+
+def test_chat_server_serves_the_configured_run_on_a_gpu_with_ready_and_health_probes():
+    pod = find("Deployment", "vibechat-serve")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["python", "-m", "jobs.chat_server"]
+    assert {"--run=$(VIBECHAT_RUN)", "--source=$(VIBECHAT_SERVE_SOURCE)", "--host=0.0.0.0"} <= set(container["args"])
+    assert set(find("ConfigMap", "vibechat-serve")["data"]) == {"VIBECHAT_RUN", "VIBECHAT_SERVE_SOURCE"}
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert find("Service", "vibechat-serve")["spec"]["ports"][0]["port"] == 8000

@@ -13,6 +13,7 @@ from jobs.backends import JobStatus, PhaseJob
 from jobs.backends.kubernetes import (
     KubernetesBackend, KubernetesError, LeaseLock, hold_leadership, kubernetes_available,
 )
+from tests.kmock_fixtures import api_client, call, cluster  # noqa: F401 (cluster is a fixture)
 
 pytestmark = pytest.mark.asyncio
 
@@ -32,18 +33,8 @@ CRASH_LOG = (
 )
 
 
-def api_client(server: kmock.RawHandler) -> client.ApiClient:
-    configuration = client.Configuration()
-    configuration.host = str(server.url).rstrip("/")
-    return client.ApiClient(configuration)
 
 
-@pytest.fixture
-def cluster(kmock):
-    """The emulator, serving PyTorchJobs and pods as a cluster with the training operator would."""
-    kmock.resources["kubeflow.org/v1/pytorchjobs"] = {"kind": "PyTorchJob", "namespaced": True}
-    kmock.resources["v1/pods"] = {"kind": "Pod", "namespaced": True}
-    return kmock
 
 
 @pytest.fixture
@@ -51,8 +42,6 @@ def backend(cluster):
     return KubernetesBackend(NS, "registry.example/vibechat:0.1.0", api_client=api_client(cluster))
 
 
-async def call(fn, *args, **kwargs):
-    return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), timeout=30)
 
 
 def set_conditions(cluster, *conditions: tuple[str, str]) -> None:

@@ -7,6 +7,7 @@ this module too, and should start in a fraction of a second rather than load tor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -191,7 +192,15 @@ class DummyWandb:
 
 def run_main(main) -> None:
     """Run a program's main(); a VibechatError becomes one line on stderr and exit code 2. Output into a closed pipe
-    (`| head -1`) ends the program quietly with the status of a SIGPIPE death, as other command-line tools do."""
+    (`| head -1`) ends the program quietly with the status of a SIGPIPE death, as other command-line tools do.
+    A phase that a controller started renews its liveness record meanwhile (vibechat.liveness)."""
+    from vibechat.liveness import heartbeat_from_env
+
+    with heartbeat_from_env() or contextlib.nullcontext():
+        _run_main(main)
+
+
+def _run_main(main) -> None:
     try:
         main()
         sys.stdout.flush()  # here, not at exit: a closed pipe is caught below

@@ -28,25 +28,31 @@ ATTENTION_BLOCK = 64  # cache positions per attention program
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu2: bool = False,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
     """(B, K) x (N, K) weight -> (B, N): weight @ rmsnorm(x) if norm_input, then relu(.)² if relu2, then
-    + residual if given."""
-    if triton is not None and x.is_cuda and x.size(0) == 1:
+    + residual if given. With `rows` (>= B) the product runs at that many rows, x padded with zeros: one
+    matrix-product shape for every B, so each row rounds the same whatever number of rows come with it
+    (for weight-bound decoding the extra rows cost next to nothing)."""
+    if rows is None and triton is not None and x.is_cuda and x.size(0) == 1:
         return _triton_gemv(x, weight, norm_input, relu2, residual)
     if norm_input:
         x = norm(x)
-    y = F.linear(x, weight)
+    if rows is not None:
+        y = F.linear(F.pad(x, (0, 0, 0, rows - x.size(0))), weight)[:x.size(0)]
+    else:
+        y = F.linear(x, weight)
     if relu2:
         y = F.relu(y).square()
     return y if residual is None else residual + y
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """(B, H, 1, D) queries at position pos ((1,) long, on the device) over (B, H_kv, T, D) caches whose
-    slots 0..pos are written -> (B, H, 1, D). Slots past pos weigh nothing (the kernel does not read them)."""
+    """(B, H, 1, D) queries at position pos (long on the device: (1,) shared by the rows or (B,) one per row)
+    over (B, H_kv, T, D) caches whose slots 0..pos are written -> (B, H, 1, D). Slots past pos weigh nothing
+    (the kernel does not read them)."""
     if triton is not None and q.is_cuda:
         return _triton_decode_attention(q, k_cache, v_cache, pos)
-    visible = torch.arange(k_cache.size(2), device=q.device) <= pos[:, None]  # (1, T)
+    visible = (torch.arange(k_cache.size(2), device=q.device) <= pos[:, None])[:, None, None, :]  # (1 or B, 1, 1, T)
     return F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=visible,
                                           enable_gqa=q.size(1) != k_cache.size(1))
 
@@ -92,14 +98,14 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _attention_block_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, scale, T: tl.constexpr,
-                                H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                                BLOCK: tl.constexpr):
+    def _attention_block_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, pos_stride, m_ptr, l_ptr, acc_ptr, scale,
+                                T: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
+                                BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
         """One (row, head, block of positions): the block's max score, softmax denominator and weighted values."""
         bh, block = tl.program_id(0), tl.program_id(1)
         n_blocks = tl.num_programs(1)
         kv_head = (bh // H) * (H // GROUP) + (bh % H) // GROUP
-        valid = tl.load(pos_ptr) + 1
+        valid = tl.load(pos_ptr + (bh // H) * pos_stride) + 1
         out = bh * n_blocks + block
         t = block * BLOCK + tl.arange(0, BLOCK)
         visible = t < valid
@@ -125,8 +131,8 @@ if triton is not None:
         l = torch.empty_like(m)
         acc = torch.empty(B, H, n_blocks, D, dtype=torch.float32, device=q.device)
         _attention_block_kernel[(B * H, n_blocks)](
-            q.contiguous(), k_cache, v_cache, pos, m, l, acc, 1.0 / math.sqrt(D), T, H, H // k_cache.size(1), D,
-            triton.next_power_of_2(D), ATTENTION_BLOCK)
+            q.contiguous(), k_cache, v_cache, pos, 0 if pos.numel() == 1 else 1, m, l, acc, 1.0 / math.sqrt(D), T, H,
+            H // k_cache.size(1), D, triton.next_power_of_2(D), ATTENTION_BLOCK)
         # blocks past the position hold max -inf and weigh 0; the first block always holds position 0
         weight = torch.exp(m - m.amax(dim=-1, keepdim=True))
         y = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]

@@ -10,9 +10,15 @@ logits, with uniform noise drawn from the request's seeded generator before each
 launches: the noise, the graph and the copy of its column to the host. The host runs one column behind: it
 reads and yields column t (the one host sync per step) while the GPU computes column t+1; when tool output
 overrides column t, the cache position steps back one and column t+1 is computed again.
+
+ContinuousBatcher serves many sequences at once (jobs.chat_server): each joins the running decode batch at a step
+boundary and leaves when done, with its own position, sampling settings and seed, through the same fused step.
 """
 
+import threading
+import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -85,21 +91,28 @@ class KVCache:
 
 
 class _StepCache:
-    """A KVCache as the decode step sees it: one token written at a position held on the device, and the
-    whole buffers read back, the attention mask hiding what lies past the position. With no host int in the
-    step, one capture of it replays at every position."""
+    """A KVCache as the decode step sees it: one token per row written at a position held on the device ((1,)
+    shared by all rows, or (B,) one per row), and the whole buffers read back, the attention mask hiding what
+    lies past each position. With no host int in the step, one capture of it replays at every position.
+    `rows` takes the first rows of the cache only: a batch-size bucket of the continuous batcher."""
 
-    def __init__(self, cache: KVCache, pos: torch.Tensor):
+    def __init__(self, cache: KVCache, pos: torch.Tensor, rows: int | None = None):
         self.cache = cache
-        self.pos = pos  # (1,) long
+        self.pos = pos
+        self.rows = cache.batch_size if rows is None else rows
 
     def get_pos(self) -> torch.Tensor:
         return self.pos
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.k[layer_idx], self.cache.v[layer_idx]
-        keys[:, :, self.pos] = k
-        values[:, :, self.pos] = v
+        keys, values = self.cache.k[layer_idx][:self.rows], self.cache.v[layer_idx][:self.rows]
+        if self.pos.numel() == 1:
+            keys[:, :, self.pos] = k
+            values[:, :, self.pos] = v
+        else:
+            rows = torch.arange(self.rows, device=k.device)
+            keys[rows, :, self.pos] = k[:, :, 0]
+            values[rows, :, self.pos] = v[:, :, 0]
         return keys, values
 
 
@@ -142,23 +155,26 @@ class _DecodeWeights:
             torch.cat(group, out=buffer)
 
 
-def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
+def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache,
+                rows: int | None = None) -> torch.Tensor:
     """GPT.forward for one token per row, from the KV cache: the same arithmetic (the tests hold it to the full
     forward's logits), with the norms, ReLU² and residual adds folded into the matrix-vector products and
-    attention reading only the written part of the cache (vibechat.decode_ops)."""
+    attention reading only the written part of the cache (vibechat.decode_ops). `rows` pads every matrix
+    product to that many rows (decode_ops.linear): batch-invariant rounding."""
+    linear_ = partial(linear, rows=rows)
     B, pos = tokens.size(0), cache.pos
     H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
-    cos, sin = weights.cos[None, None, pos], weights.sin[None, None, pos]  # (1, 1, 1, D/2)
+    cos, sin = weights.cos[pos].view(-1, 1, 1, D // 2), weights.sin[pos].view(-1, 1, 1, D // 2)  # per row or shared
     x = norm(weights.wte[tokens[:, 0]])  # (B, C)
     for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
-        q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q, k, v = linear_(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
         k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
         keys, values = cache.insert_kv(layer, k, v.view(B, H_kv, 1, D))
         y = decode_attention(q, keys, values, pos)
-        x = linear(y.view(B, H * D), o, residual=x)
-        x = linear(linear(x, fc, norm_input=True, relu2=True), proj, residual=x)
-    logits = linear(x, weights.lm_head, norm_input=True).float()
+        x = linear_(y.view(B, H * D), o, residual=x)
+        x = linear_(linear_(x, fc, norm_input=True, relu2=True), proj, residual=x)
+    logits = linear_(x, weights.lm_head, norm_input=True).float()
     cache.pos.add_(1)
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
@@ -267,15 +283,19 @@ def _check_sampling(temperature: float, top_k: int | None) -> None:
 
 
 def gumbel_sample(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.Tensor | float,
-                  top_k: int) -> torch.Tensor:
+                  top_k: int, row_top_k: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) logits -> (B, 1) ids drawn from the softmax of the top_k logits at `temperature`, given (B, top_k)
     uniform noise: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). No host sync, no
-    data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused)."""
-    if top_k < logits.size(-1):
+    data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused).
+    row_top_k ((B,) long, each <= top_k) narrows each row to its own k largest; temperature may be (B, 1)."""
+    if top_k < logits.size(-1) or row_top_k is not None:
         values, indices = torch.topk(logits, top_k, dim=-1)
     else:
         values, indices = logits, None
-    choice = (values.float() / temperature - torch.log(-torch.log(noise))).argmax(dim=-1, keepdim=True)
+    scores = values.float() / temperature - torch.log(-torch.log(noise))
+    if row_top_k is not None:
+        scores = scores.masked_fill(torch.arange(top_k, device=scores.device) >= row_top_k[:, None], float("-inf"))
+    choice = scores.argmax(dim=-1, keepdim=True)
     return choice if indices is None else indices.gather(-1, choice)
 
 
@@ -427,3 +447,250 @@ class Engine:
                     results[i].append(token)
                     masks[i].append(mask)
         return results, masks
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes: one captured step each, the smallest that fits runs
+PREFILL_TOKENS = 16_384  # the most prompt tokens (padding included) that one prefill pass of the batcher takes
+
+
+@dataclass
+class Sequence:
+    """One request to the ContinuousBatcher. on_token(token, mask) gets every token as it is decided (mask 0:
+    forced calculator output), the stop token included; then on_finish(reason) once: "stop" (a stop token),
+    "length" (max_tokens, or the context is full) or "cancelled". Both run on the batcher's thread."""
+    tokens: list[int]
+    max_tokens: int
+    on_token: Callable[[int, int], None]
+    on_finish: Callable[[str], None]
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 42
+    cancelled: bool = False  # set from any thread: the row is freed at the next step boundary
+
+
+@dataclass
+class _Slot:
+    sequence: Sequence
+    row: _Row
+    generated: int = 0
+
+
+def _mix_seed(seed: int) -> int:
+    """Any int -> 32 bits, every bit of the seed mattering (Fibonacci hashing)."""
+    return (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF
+
+
+def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) 32-bit seeds and (B,) counters -> (B, k) uniform noise in (0, 1), a hash of (seed, counter, column):
+    no generator state, so a row's noise depends on its own seed and position alone, never on which other rows
+    share the step, and it is computed inside the captured step. Products wrap in int64 and are masked back to
+    32 bits; the finalizer is the 'lowbias32' integer hash."""
+    mask = 0xFFFFFFFF
+    columns = torch.arange(k, device=seeds.device)
+    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0xC2B2AE3D) & mask
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & mask
+    x = x ^ (x >> 16)
+    return ((x >> 9) + 1).float() / (2 ** 23 + 1)  # 23 bits: float32 keeps the largest value below 1
+
+
+def _batched_decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, seeds: torch.Tensor,
+                               temperature: torch.Tensor, top_k: int, row_top_k: torch.Tensor,
+                               last_position: int) -> torch.Tensor:
+    """The continuous batcher's step: every row's token at its own position, the next one sampled into `tokens`
+    with noise from (its seed, its position). Positions stop at the cache's last slot, so a free row that steps
+    along with busy ones never writes past its end."""
+    noise = counter_uniform(seeds, cache.pos, top_k)
+    tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k, row_top_k))
+    cache.pos.clamp_(max=last_position)
+    return tokens
+
+
+class ContinuousBatcher:
+    """Continuous batching of a GPT: sequences join the running decode batch at a step boundary and leave when
+    done, each with its own position, temperature, top_k and seed.
+
+    Every sequence owns a row of one KV cache of max_batch rows and the model's full context. A step first
+    admits waiting sequences into free rows (those with prompts of one length prefill together through
+    GPT.forward, their caches copied into the rows: up to PREFILL_TOKENS a pass), then decodes one token for
+    rows 0..b-1, b the smallest of BATCH_BUCKETS above the highest busy row, through the fused decode step
+    with a position per row. The rows' tokens, positions, seeds, temperatures and top_k live on the device and
+    the step advances them itself, so the host's work per step is one replay and one read of the new column.
+    On CUDA each bucket's step is captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the
+    same code. Sampling noise is a
+    hash of (seed, position), so a sequence's draws do not depend on the other rows. With batch_invariant (the
+    default) every matrix product runs at one shape whatever the number of rows (decode steps padded to
+    max_batch rows, prefills to a row count fixed by the prompt length), so a sequence gets the same tokens,
+    bit for bit, alone or among others; without it, bf16 products of other shapes may round differently and
+    flip a near tie.
+    """
+
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200,
+                 batch_invariant: bool = True):
+        if not isinstance(model, GPT):
+            raise VibechatError("continuous batching decodes a GPT through its fused step, not a "
+                                f"{type(model).__name__}")
+        self.engine = Engine(model, tokenizer)  # its request checks, stop tokens and calculator
+        self.model, config = model, model.config
+        self.device = device = model.get_device()
+        self.max_batch = max_batch
+        self.top_k = min(max_top_k, config.vocab_size)
+        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(max_batch, config.n_kv_head, config.sequence_len, config.n_embd // config.n_head,
+                             config.n_layer)
+        self.cache._allocate(dtype, device)
+        self.tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.seeds = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.temperature = torch.ones(max_batch, 1, device=device)
+        self.row_top_k = torch.ones(max_batch, dtype=torch.long, device=device)
+        self.weights = _DecodeWeights(model, dtype)
+        self._steps: dict[int, Callable[[], torch.Tensor]] = {}
+        self.slots: list[_Slot | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.last_batch = 0  # the bucket of the last step, for the server's occupancy metric
+        self.batch_invariant = batch_invariant
+
+    def _prefill_rows(self, length: int) -> int:
+        """Rows of every prefill of prompts of this length: fixed by the length alone when batch-invariant (a
+        sequence prefilled alone or with others then sees one matrix-product shape), at most PREFILL_TOKENS."""
+        return max(1, min(self.max_batch, PREFILL_TOKENS // length))
+
+    def _step(self, batch: int) -> Callable[[], torch.Tensor]:
+        if batch not in self._steps:
+            rows = slice(0, batch)
+            padded = self.max_batch if self.batch_invariant else None
+            args = (partial(_fused_step, self.model.config, self.weights, rows=padded), self.tokens[rows],
+                    _StepCache(self.cache, self.pos[rows], rows=batch), self.seeds[rows], self.temperature[rows],
+                    self.top_k, self.row_top_k[rows], self.cache.seq_len - 1)
+            if self.engine.use_cuda_graph:
+                # captured, not compiled: a compile per bucket would cost minutes of warm-up. Capturing runs
+                # the step a few times, so the rows' tokens and positions are put back after it.
+                saved = self.tokens.clone(), self.pos.clone()
+                self._steps[batch] = _cuda_graph(lambda: _batched_decode_and_sample(*args))
+                self.tokens.copy_(saved[0])
+                self.pos.copy_(saved[1])
+            else:
+                self._steps[batch] = lambda: _batched_decode_and_sample(*args)
+        return self._steps[batch]
+
+    def warmup(self) -> None:
+        """Capture every bucket's step now, not on the first requests that need it."""
+        for batch in self.buckets:
+            self._step(batch)
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence (from any thread); a bad one raises VibechatError here, before it is queued."""
+        self.engine._check_request(sequence.tokens, 1, sequence.max_tokens, sequence.temperature, sequence.top_k)
+        if len(sequence.tokens) >= self.model.config.sequence_len:
+            raise VibechatError(f"the prompt has {len(sequence.tokens)} tokens and fills the model's context of "
+                                f"{self.model.config.sequence_len}: shorten it")
+        with self.lock:
+            self.waiting.append(sequence)
+        self.wake.set()
+
+    def num_running(self) -> int:
+        return sum(slot is not None for slot in self.slots)
+
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def _finish(self, index: int, reason: str) -> None:
+        slot = self.slots[index]
+        self.slots[index] = None
+        slot.sequence.on_finish(reason)
+
+    def _emit(self, index: int, token: int, mask: int) -> None:
+        """Hand a row its token; free the row when that ends the sequence."""
+        slot = self.slots[index]
+        slot.generated += 1
+        slot.sequence.on_token(token, mask)
+        self.engine._advance(slot.row, token)
+        room = self.model.config.sequence_len - len(slot.sequence.tokens)  # positions left for new tokens
+        if slot.row.done:
+            self._finish(index, "stop")
+        elif slot.generated >= min(slot.sequence.max_tokens, room):
+            self._finish(index, "length")
+
+    def _prefill(self, indices: list[int], sequences: list[Sequence]) -> None:
+        """Prefill sequences of one prompt length in one forward pass into rows `indices`; emit their first tokens."""
+        config, n = self.model.config, len(sequences[0].tokens)
+        width = self._prefill_rows(n) if self.batch_invariant else len(sequences)
+        prefill = KVCache(width, config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
+        ids = torch.zeros(width, n, dtype=torch.long, device=self.device)  # rows past the sequences: padding
+        ids[:len(sequences)] = torch.tensor([sequence.tokens for sequence in sequences], device=self.device)
+        logits = self.model(ids, kv_cache=prefill)[:len(sequences), -1, :]
+        rows = torch.tensor(indices, device=self.device)
+        for dst, src in zip(self.cache.k + self.cache.v, prefill.k + prefill.v):
+            dst[rows, :, :n] = src[:len(sequences)]
+        sampling = [_sampling(s.temperature, s.top_k, config.vocab_size) for s in sequences]
+        self.temperature[rows] = torch.tensor([[t] for t, _ in sampling], device=self.device)
+        self.row_top_k[rows] = torch.tensor([min(k, self.top_k) for _, k in sampling], device=self.device)
+        self.seeds[rows] = torch.tensor([_mix_seed(s.seed) for s in sequences], device=self.device)
+        self.pos[rows] = n - 1  # the last prompt token's position: the first token's noise counter, as in a step
+        noise = counter_uniform(self.seeds[rows], self.pos[rows], self.top_k)
+        first = gumbel_sample(logits, noise, self.temperature[rows], self.top_k, self.row_top_k[rows])
+        self.tokens[rows] = first
+        self.pos[rows] = n
+        for index, sequence, token in zip(indices, sequences, first.view(-1).tolist()):
+            self.slots[index] = _Slot(sequence, _Row())
+            self._emit(index, token, 1)
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit what waits (as rows free up), then decode one token for every running sequence; False when idle."""
+        for index, slot in enumerate(self.slots):
+            if slot is not None and slot.sequence.cancelled:
+                self._finish(index, "cancelled")
+        free = [i for i, slot in enumerate(self.slots) if slot is None]
+        joining: dict[int, list[tuple[int, Sequence]]] = {}  # prompt length -> (row, sequence): one prefill each
+        with self.lock:
+            while self.waiting and free:
+                sequence = self.waiting.popleft()
+                if sequence.cancelled:
+                    sequence.on_finish("cancelled")
+                elif sequence.max_tokens == 0:
+                    sequence.on_finish("length")
+                else:
+                    joining.setdefault(len(sequence.tokens), []).append((free.pop(0), sequence))
+        for n, group in joining.items():
+            width = self._prefill_rows(n)
+            for chunk in (group[i:i + width] for i in range(0, len(group), width)):
+                self._prefill([index for index, _ in chunk], [sequence for _, sequence in chunk])
+        busy = [i for i, slot in enumerate(self.slots) if slot is not None]
+        if not busy:
+            self.last_batch = 0
+            return bool(self.waiting)
+        batch = next(b for b in self.buckets if b > busy[-1])
+        self.last_batch = batch
+        column = self._step(batch)().view(-1).tolist()  # the host's one wait per step
+        for i in busy:
+            forced = self.slots[i].row.forced
+            if forced:  # the calculator's output replaces the sampled token, as the row's next input too
+                token, mask = forced.popleft(), 0
+                self.tokens[i] = token
+            else:
+                token, mask = column[i], 1
+            self._emit(i, token, mask)
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set, sleeping while idle. A failing step (e.g. out of memory) ends every sequence
+        it held with reason "error" and the loop goes on."""
+        while not stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # noqa: BLE001 - reported to each sequence; the server stays up
+                traceback.print_exc()
+                for index, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._finish(index, "error")
+                continue
+            if not busy:
+                self.wake.wait(0.05)
+                self.wake.clear()

@@ -14,6 +14,7 @@ Under a run's folder:
     report/                                 a section per phase and report.md (report)
     export/hf/                              the last stage's model as a transformers folder (jobs.export)
     logs/<phase>-<attempt>.log              the output of each attempt of a phase
+    live/<phase>-<attempt>.json             whether the attempt's process is alive (vibechat.liveness)
     export/hf/                              the last stage as a transformers NanoChat folder (jobs.export)
 """
 
@@ -101,3 +102,7 @@ def metrics_phase(key: str) -> str | None:
 
 def log_key(phase: str, attempt: int) -> str:
     return f"logs/{phase}-{attempt}.log"
+
+
+def liveness_key(phase: str, attempt: int) -> str:
+    return f"live/{phase}-{attempt}.json"

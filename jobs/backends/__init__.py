@@ -19,6 +19,7 @@ class PhaseJob:
     nnodes: int = 1
     nproc_per_node: int = 1
     gpus_per_node: int = 0  # 0: CPU job
+    resources: dict = field(default_factory=dict)  # the phase's config `resources`: cpu, memory, ... per node
 
     @property
     def name(self) -> str:
@@ -46,3 +47,6 @@ class Backend(Protocol):
     def stop(self, job: PhaseJob) -> None: ...
 
     def logs(self, job: PhaseJob) -> str: ...
+
+    def idle(self) -> None:
+        """Wait until a job may have changed (a short sleep, or a watch event), before the next check."""

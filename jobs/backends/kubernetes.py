@@ -1,4 +1,4 @@
-"""Phases as Kubeflow PyTorchJobs: render k8s/phases/<program>.yaml for a PhaseJob, create it, follow its
+"""Phases as Kubeflow PyTorchJobs: render k8s/phases/pytorchjob.yaml for a PhaseJob, create it, follow its
 conditions and pods, read its logs, delete it. Also the Lease-based leader election that lets two
 controller replicas run while only one acts (hold_leadership).
 
@@ -23,14 +23,21 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
 from jobs.backends import JobStatus, PhaseJob
+from jobs.config import CPU_RESOURCES, GPU_RESOURCES, KUBERNETES_DEFAULTS
 from vibechat.common import VibechatError
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "k8s" / "phases"
+TEMPLATE = Path(__file__).resolve().parents[2] / "k8s" / "phases" / "pytorchjob.yaml"
+# where the controller Deployment mounts the ConfigMap vibechat-phase-template; optional, so absent after
+# `kubectl apply -f k8s/`, and then the image's copy is used
+TEMPLATE_ENV = "VIBECHAT_PHASE_TEMPLATE"
 GROUP, VERSION, PLURAL = "kubeflow.org", "v1", "pytorchjobs"
 CONTAINER = "pytorch"  # the operator only treats the container of this name as the trainer
 GPU = "nvidia.com/gpu"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"  # Kueue admits a suspended job of a queue by unsuspending it
 JOB_NAME_LABEL = "training.kubeflow.org/job-name"  # set by the operator on every pod of a job
 REPLICA_TYPE_LABEL = "training.kubeflow.org/replica-type"
+RESYNC_SECONDS = 30  # a driver checks its job at least this often; a watch event wakes it sooner
+KEEP_FINISHED_SECONDS = 86400  # a finished job, its pods and logs stay this long after its end was recorded
 MAX_NAME = 63  # the operator names a Service after each pod: a DNS-1035 label
 
 _DNS1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
@@ -46,13 +53,22 @@ class KubernetesError(VibechatError):
 # Rendering
 
 
+def template_path() -> Path:
+    """The phase template: the ConfigMap's copy where the controller has it mounted, else the image's."""
+    mounted = os.environ.get(TEMPLATE_ENV)
+    return Path(mounted) if mounted and Path(mounted).is_file() else TEMPLATE
+
+
 def render_pytorchjob(
-    job: PhaseJob, image: str, namespace: str, secret_name: str = "vibechat-s3", templates_dir: Path = TEMPLATES_DIR
+    job: PhaseJob, image: str, namespace: str, settings: dict | None = None, template: Path | None = None
 ) -> dict:
-    """The PyTorchJob manifest for one attempt of one phase, from the template of its program."""
-    path = Path(templates_dir) / f"{job.module.removeprefix('jobs.')}.yaml"
+    """The PyTorchJob manifest for one attempt of one phase: the template filled in for its program, sized
+    by job.resources and placed by `settings` (the config's kubernetes section; defaults for what it lacks)."""
+    path = Path(template or template_path())
     if not path.is_file():
-        raise KubernetesError(f"no PyTorchJob template for {job.module}: expected {path}")
+        raise KubernetesError(f"the PyTorchJob template {path} does not exist: restore k8s/phases/pytorchjob.yaml "
+                              f"or point ${TEMPLATE_ENV} at a copy")
+    settings = {**KUBERNETES_DEFAULTS, **(settings or {})}
     _check_names(job)
     store = job.env.get("VIBECHAT_STORE", "")
     if not store.startswith("s3://"):
@@ -62,11 +78,14 @@ def render_pytorchjob(
     if not image or any(c.isspace() for c in image):
         raise KubernetesError(f"image {image!r} is not an image reference: set kubernetes.image in the run's config, "
                               "e.g. registry.example/vibechat:0.1.0")
+    queue = settings["queue"]
+    if queue is not None and (len(queue) > MAX_NAME or not _LABEL_VALUE.fullmatch(queue)):
+        raise KubernetesError(f"kubernetes.queue {queue!r} cannot be a label value: name a Kueue LocalQueue "
+                              "(at most 63 letters, digits, '-', '_' or '.')")
     values = {
         "NAME": job.name, "NAMESPACE": namespace, "RUN_ID": job.run_id, "PHASE": job.phase,
-        "ATTEMPT": str(job.attempt), "IMAGE": image, "S3_SECRET": secret_name,
+        "ATTEMPT": str(job.attempt), "IMAGE": image, "S3_SECRET": settings["s3_secret"], "MODULE": job.module,
         "NPROC_PER_NODE": str(job.nproc_per_node), "WORKERS": str(job.nnodes - 1),
-        "GPUS_PER_NODE": str(job.gpus_per_node),
     }
 
     def fill(match: re.Match) -> str:
@@ -74,29 +93,70 @@ def render_pytorchjob(
             raise KubernetesError(f"{path}: unknown placeholder {match.group(0)}; known: {', '.join(values)}")
         return values[match.group(1)]
 
-    manifest = yaml.safe_load(_PLACEHOLDER.sub(fill, path.read_text()))
-    replicas = manifest["spec"]["pytorchReplicaSpecs"]
+    try:
+        manifest = yaml.safe_load(_PLACEHOLDER.sub(fill, path.read_text()))
+        replicas = manifest["spec"]["pytorchReplicaSpecs"]
+        replicas["Master"]["template"]["spec"]["containers"]
+    except (yaml.YAMLError, TypeError, KeyError) as e:
+        raise KubernetesError(f"{path} is not a PyTorchJob with Master replicas ({type(e).__name__}: {e}): "
+                              "restore it from k8s/phases/pytorchjob.yaml") from None
     if job.nnodes == 1:
         replicas.pop("Worker", None)
     elif "Worker" not in replicas:
         raise KubernetesError(f"{path} has no Worker replicas, so it runs on one node, but {job.name} asks for {job.nnodes}")
+    run_policy = manifest["spec"].setdefault("runPolicy", {})
+    if queue is not None:
+        manifest["metadata"]["labels"][QUEUE_LABEL] = queue
+        run_policy["suspend"] = True  # Kueue starts it when the queue has room
+    if settings["gang_scheduling"]:
+        run_policy["schedulingPolicy"] = {"minAvailable": job.nnodes}
+        if settings["priority_class"]:
+            run_policy["schedulingPolicy"]["priorityClass"] = settings["priority_class"]
+    resources = pod_resources(job.resources, job.gpus_per_node)
+    extra_env = {**settings["env"], **job.env}
     for spec in replicas.values():
         # Master and Worker share one pod spec through a YAML anchor: give each its own copy
         pod = spec["template"]["spec"] = copy.deepcopy(spec["template"]["spec"])
-        container = next(c for c in pod["containers"] if c["name"] == CONTAINER)
+        container = next((c for c in pod["containers"] if c["name"] == CONTAINER), None)
+        if container is None:
+            raise KubernetesError(f"{path} has no container named {CONTAINER!r}: the operator runs only that one")
         container["args"] = list(job.args)
-        container["env"] = [e for e in container.get("env", []) if e["name"] not in job.env]
-        container["env"] += [{"name": k, "value": str(v)} for k, v in sorted(job.env.items())]
-        for kind in ("requests", "limits"):
-            resources = container.setdefault("resources", {}).setdefault(kind, {})
-            if job.gpus_per_node == 0:
-                resources.pop(GPU, None)
-            elif GPU not in resources:
-                raise KubernetesError(
-                    f"{path} requests no {GPU} but {job.name} asks for {job.gpus_per_node} per node: "
-                    f"add {GPU} to the template's resources or give the phase no GPUs"
-                )
+        container["env"] = [e for e in container.get("env", []) if e["name"] not in extra_env]
+        container["env"] += [{"name": k, "value": str(v)} for k, v in sorted(extra_env.items())]
+        container["resources"] = resources
+        _place(pod, settings, job.gpus_per_node)
+        for volume in pod.get("volumes", []):
+            # the scratch volume is what ephemeral_storage pays for; /dev/shm counts against the memory
+            if volume["name"] == "scratch":
+                volume["emptyDir"]["sizeLimit"] = resources["limits"]["ephemeral-storage"]
+            elif volume["name"] == "dshm":
+                volume["emptyDir"]["sizeLimit"] = resources["limits"]["memory"]
     return manifest
+
+
+def pod_resources(resources: dict, gpus: int) -> dict:
+    """A trainer container's requests and limits. Memory and scratch space are limited to what is requested
+    (a pod never grows into a neighbour's); CPU too where the phase asks for Guaranteed QoS, which the
+    kubelet's static CPU manager needs to pin whole cores (NUMA-aligned with the GPUs by its topology manager)."""
+    r = {**(GPU_RESOURCES if gpus else CPU_RESOURCES), **resources}
+    requests = {"cpu": str(r["cpu"]), "memory": str(r["memory"]), "ephemeral-storage": str(r["ephemeral_storage"])}
+    limits = {k: v for k, v in requests.items() if k != "cpu" or r["guaranteed"]}
+    if gpus:
+        requests[GPU] = limits[GPU] = gpus
+    return {"requests": requests, "limits": limits}
+
+
+def _place(pod: dict, settings: dict, gpus: int) -> None:
+    """Where the pod may run and what it runs as, from the config's kubernetes section."""
+    tolerations = list(settings["tolerations"])
+    if gpus:  # GPU nodes are commonly tainted so that only pods asking for GPUs land there
+        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
+    optional = {
+        "nodeSelector": dict(settings["node_selector"]), "tolerations": tolerations, "affinity": settings["affinity"],
+        "priorityClassName": settings["priority_class"], "serviceAccountName": settings["service_account"],
+        "imagePullSecrets": [{"name": name} for name in settings["image_pull_secrets"]],
+    }
+    pod.update({key: value for key, value in optional.items() if value})
 
 
 def _check_names(job: PhaseJob) -> None:
@@ -203,7 +263,8 @@ def load_api_client() -> client.ApiClient:
         config.load_incluster_config(client_configuration=configuration)
     except ConfigException:
         try:
-            config.load_kube_config(client_configuration=configuration)
+            # $KUBECONFIG as it is now: the client's own default was read when it was imported
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
         except (ConfigException, OSError) as e:
             raise KubernetesError(
                 f"no Kubernetes configuration: not inside a pod, and no usable kubeconfig ({e}); "
@@ -239,14 +300,12 @@ class KubernetesBackend:
         self,
         namespace: str,
         image: str,
-        secret_name: str = "vibechat-s3",
         api_client: client.ApiClient | None = None,
-        templates_dir: Path = TEMPLATES_DIR,
+        settings: dict | None = None,
     ):
         self.namespace = namespace
         self.image = image
-        self.secret_name = secret_name
-        self.templates_dir = templates_dir
+        self.settings = settings  # the config's kubernetes section: placement, S3 secret, extra env
         self.api_client = api_client or load_api_client()
         self.jobs = client.CustomObjectsApi(self.api_client)
         self.core = client.CoreV1Api(self.api_client)
@@ -255,7 +314,7 @@ class KubernetesBackend:
         self._crashes: dict[str, tuple[tuple, str]] = {}
 
     def render(self, job: PhaseJob) -> dict:
-        return render_pytorchjob(job, self.image, self.namespace, self.secret_name, self.templates_dir)
+        return render_pytorchjob(job, self.image, self.namespace, self.settings)
 
     def submit(self, job: PhaseJob) -> None:
         manifest = self.render(job)
@@ -308,6 +367,24 @@ class KubernetesBackend:
         except ApiException as e:
             raise self._error(e, f"list the pods of {job.name}") from None
         return self.api_client.sanitize_for_serialization(pods)
+
+    def idle(self) -> None:
+        """Wait until a PyTorchJob of the namespace changes, or RESYNC_SECONDS (pod-level news, such as a
+        crash being restarted, changes no job condition)."""
+        changed = job_changes(self.namespace, self.api_client)
+        changed.wait(RESYNC_SECONDS)
+        changed.clear()
+
+    def recorded(self, job: PhaseJob) -> None:
+        """The job's end is in run.json: let the operator delete the job KEEP_FINISHED_SECONDS after it finished.
+        (The template sets no TTL, so no job vanishes before a controller saw how it ended.)"""
+        patch = {"spec": {"runPolicy": {"ttlSecondsAfterFinished": KEEP_FINISHED_SECONDS}}}
+        try:
+            self.jobs.patch_namespaced_custom_object(GROUP, VERSION, self.namespace, PLURAL, job.name, patch,
+                                                     _content_type="application/merge-patch+json")
+        except ApiException as e:
+            if e.status != 404:
+                raise self._error(e, f"set the TTL of PyTorchJob {job.name}") from None
 
     def stop(self, job: PhaseJob) -> None:
         """Delete the job; Kubernetes then deletes its pods. Stopping a missing job is not an error."""
@@ -367,6 +444,35 @@ class KubernetesBackend:
         return api_error(e, doing, self.namespace)
 
 
+_job_changes: dict[str, threading.Event] = {}  # "<API server>/<namespace>" -> its Event
+_job_changes_lock = threading.Lock()
+
+
+def job_changes(namespace: str, api_client: client.ApiClient | None = None) -> threading.Event:
+    """An Event set on every change to a vibechat PyTorchJob in the namespace, by one watching thread per
+    namespace (started on the first call): the controller waits on it instead of polling."""
+    backend = KubernetesBackend(namespace, image="", api_client=api_client)  # only its watch is used
+    where = f"{backend.api_client.configuration.host}/{namespace}"
+    with _job_changes_lock:
+        if where not in _job_changes:
+            _job_changes[where] = threading.Event()
+            threading.Thread(target=_set_on_changes, args=(backend, _job_changes[where]), name=f"watch {where}",
+                             daemon=True).start()
+        return _job_changes[where]
+
+
+def _set_on_changes(backend: "KubernetesBackend", changed: threading.Event) -> None:
+    while True:
+        try:
+            for _ in backend.watch_jobs():
+                changed.set()
+        except Exception as e:  # whatever it was, this thread must live on: without it drivers wait a whole resync
+            print(f"watching PyTorchJobs in {backend.namespace} failed ({str(e).splitlines()[0]}); "
+                  f"checking every {RESYNC_SECONDS}s until it works again", file=sys.stderr, flush=True)
+            changed.set()
+            time.sleep(RESYNC_SECONDS)
+
+
 def api_error(e: ApiException, doing: str, namespace: str) -> KubernetesError:
     """One line that says what failed, what the API said, and what usually fixes it."""
     try:
@@ -376,8 +482,8 @@ def api_error(e: ApiException, doing: str, namespace: str) -> KubernetesError:
     hint = {
         403: "; the controller's ServiceAccount may not do this: apply k8s/10-rbac.yaml and run as vibechat-controller",
         404: f"; is the Kubeflow training operator installed, and does namespace {namespace!r} exist?",
-        400: "; the cluster rejected the manifest: fix its template in k8s/phases/",
-        422: "; the cluster rejected the manifest: fix its template in k8s/phases/",
+        400: "; the cluster rejected the manifest: fix the run's kubernetes settings or k8s/phases/pytorchjob.yaml",
+        422: "; the cluster rejected the manifest: fix the run's kubernetes settings or k8s/phases/pytorchjob.yaml",
     }.get(e.status, "")
     return KubernetesError(f"could not {doing} in namespace {namespace}: {e.status} {detail}{hint}")
 
@@ -425,6 +531,19 @@ class LeaseLock:
             change.update(acquireTime=now, leaseTransitions=(spec.lease_transitions or 0) + 1)
         return self._patch(lease.metadata.resource_version, change)
 
+    def release(self) -> bool:
+        """Give the lease up if this identity holds it, so another candidate takes it at its next try instead
+        of waiting out the duration; True if it was ours and is free now."""
+        try:
+            lease = self.api.read_namespaced_lease(self.name, self.namespace)
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        if lease.spec.holder_identity != self.identity:
+            return False
+        return self._patch(lease.metadata.resource_version, {"holderIdentity": None, "renewTime": _micro_time()})
+
     def _patch(self, resource_version: str | None, spec: dict) -> bool:
         # a merge patch that names a resourceVersion is a compare-and-swap: the API server answers 409
         # if the Lease changed since that version
@@ -457,12 +576,12 @@ def hold_leadership(
     retry_seconds: float = 2,
     api_client: client.ApiClient | None = None,
     on_lost: Callable[[str], None] | None = None,
-) -> None:
+) -> LeaseLock:
     """Block until `identity` holds the Lease `namespace/name`, then keep renewing it every retry_seconds
     from a background thread. When another replica holds it, or no renewal succeeded for renew_deadline
     seconds (less than lease_seconds, so this replica stops before another may start), call on_lost
     with the reason; by default that ends the process at once, so it stops acting and its pod restarts
-    as a fresh candidate."""
+    as a fresh candidate. Returns the lock, to release() on shutdown."""
     lock = LeaseLock(name, namespace, identity, lease_seconds, api_client)
     while not _try(lock, namespace):
         time.sleep(retry_seconds)
@@ -470,6 +589,7 @@ def hold_leadership(
         target=_keep_renewing, args=(lock, renew_deadline, retry_seconds, on_lost or _exit), name="leader-lease", daemon=True,
     )
     renewing.start()
+    return lock
 
 
 def _try(lock: LeaseLock, namespace: str) -> bool:

@@ -72,6 +72,10 @@ class LocalBackend:
         self.state_dir = state_dir
         self._children: dict[str, subprocess.Popen] = {}  # wrappers this process started, reaped in status()
 
+    def idle(self) -> None:
+        """Wait before the next check of a job: a child's output is followed at this pace."""
+        time.sleep(0.5)
+
     def job_dir(self, job: PhaseJob) -> str:
         return os.path.join(self.state_dir, job.name)
 
