@@ -126,11 +126,11 @@ def server_models(serve_url: str) -> list[str]:
 
 
 def stream_from_server(serve_url: str, model: str, messages: list[dict], reply: list[str], temperature: float,
-                       top_k: int, max_tokens: int) -> Iterator[str]:
+                       top_k: int) -> Iterator[str]:
     """The reply of an OpenAI-compatible chat server to `messages`, streamed (server-sent events, OpenAI's chunk
-    format, up to `data: [DONE]`): its new shown text at each chunk; `reply` collects the text as sent."""
-    body = {"model": model, "messages": messages, "stream": True, "temperature": temperature, "top_k": top_k,
-            "max_tokens": max_tokens}
+    format, up to `data: [DONE]`): its new shown text at each chunk; `reply` collects the text as sent. The length
+    is the server's to choose: it knows how much room the model's context has left."""
+    body = {"model": model, "messages": messages, "stream": True, "temperature": temperature, "top_k": top_k}
 
     def texts() -> Iterator[str]:
         with _server_call("POST", serve_url, "/v1/chat/completions", json=body, stream=True) as response:

@@ -10,7 +10,7 @@ from dashboard import chat, data, view
 from vibechat.common import VibechatError
 from vibechat.layout import run_dir
 
-MAX_TOKENS = 512  # the longest reply
+MAX_TOKENS = 512  # the longest reply of the in-process model
 MAX_CHARS = 4000  # the longest message: about 1,000 tokens, more than a small model's context holds anyway
 
 url, run_id = st.session_state.store_url, st.session_state.run_id
@@ -78,7 +78,7 @@ if prompt:
     history = [*st.session_state.chat_history, {"role": "user", "content": prompt}]
     if serve_url:
         sent: list[str] = []
-        pieces = chat.stream_from_server(serve_url, model, history, sent, temperature, top_k, MAX_TOKENS)
+        pieces = chat.stream_from_server(serve_url, model, history, sent, temperature, top_k)
     else:
         tokens = chat.prompt_tokens(chat_model, st.session_state.chat_tokens, prompt)
         reply: list[int] = []

@@ -1,17 +1,18 @@
 """The dashboard, headless (streamlit's AppTest), on stores that dashboard_fixture fills with a small real run."""
 
-import http.server
 import io
 import json
 import os
 import shutil
-import threading
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import requests
 from streamlit.testing.v1 import AppTest
 
 from dashboard import chat, data
@@ -396,60 +397,47 @@ def test_a_run_in_an_s3_store_shows_and_chats(s3_url, monkeypatch):
 
 # --- chat through a chat server (VIBECHAT_SERVE_URL) ----------------------------------------------------
 
-SERVER_CHUNKS = ["So 7*7=", "<|python_start|>7*7<|python_end|>", "<|output_start|>49<|output_end|>", "49 apples."]
+
+@pytest.fixture(scope="module")
+def chat_server(filled):
+    """`python -m jobs.chat_server` serving the sft checkpoint of tiny-demo on loopback; its URL once ready."""
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", "--port", str(port),
+                               "--store", str(filled), "--run", "tiny-demo", "--source", "sft"],
+                              cwd=os.path.dirname(os.path.dirname(APP)), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not ready(url):
+        assert server.poll() is None and time.monotonic() < deadline, "the chat server did not become ready"
+        time.sleep(0.3)
+    yield url
+    server.terminate()
+    server.wait(10)
 
 
-@pytest.fixture
-def chat_server():
-    """A stand-in for `python -m jobs.chat_server` on loopback: GET /v1/models, and POST /v1/chat/completions
-    streaming SERVER_CHUNKS as OpenAI's chunks (server-sent events) up to data: [DONE]; the bodies posted."""
-    posted = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self._send(200, "application/json", json.dumps({"object": "list", "data": [{"id": "tiny-demo/sft"}]}))
-
-        def do_POST(self):
-            posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            chunks = [{"choices": [{"index": 0, "delta": {"content": c}, "finish_reason": None}]} for c in SERVER_CHUNKS]
-            self._send(200, "text/event-stream", "".join(f"data: {json.dumps(c)}\n\n" for c in chunks)
-                       + "data: [DONE]\n\n")
-
-        def _send(self, status, content_type, body):
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body.encode())))
-            self.end_headers()
-            self.wfile.write(body.encode())
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", posted
-    server.shutdown()
-    server.server_close()
+def ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/ready", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 def test_chat_streams_the_reply_of_the_configured_chat_server(filled, chat_server, monkeypatch):
-    serve_url, posted = chat_server
-    monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+    monkeypatch.setenv("VIBECHAT_SERVE_URL", chat_server)
     at = open_app(filled, monkeypatch, "chat_page.py")
-    assert at.caption[0].value == f"tiny-demo/sft, served by {serve_url}"
-    assert say(at, "What is 7 times 7?") == "So 7\\*7= 🧮 `7*7` → `49` 49 apples."
-    assert posted[0]["stream"] is True and posted[0]["model"] == "tiny-demo/sft"
-    assert posted[0]["messages"] == [{"role": "user", "content": "What is 7 times 7?"}]
+    assert at.caption[0].value == f"tiny-demo/sft/60, served by {chat_server}"
+    assert say(at, "What is 7 times 7?") == "So 7\\*7= 🧮 `7*7` → `49` 49 apples.  \n\\#\\#\\#\\# 49"
 
 
-def test_the_next_turn_sends_the_whole_conversation_to_the_chat_server(filled, chat_server, monkeypatch):
-    serve_url, posted = chat_server
-    monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
-    at = open_app(filled, monkeypatch, "chat_page.py")
-    say(at, "What is 7 times 7?")
-    say(at, "And 8 times 8?")
-    assert [m["role"] for m in posted[1]["messages"]] == ["user", "assistant", "user"]
-    assert posted[1]["messages"][1]["content"] == "".join(SERVER_CHUNKS)
+def test_a_conversation_through_the_chat_server_reads_as_the_in_process_one(filled, chat_server, monkeypatch):
+    replies = {}
+    for serve_url in (chat_server, ""):
+        monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+        at = open_app(filled, monkeypatch, "chat_page.py")
+        replies[serve_url] = [say(at, "hello there"), say(at, "Why is the sky blue?")]
+    assert replies[chat_server] == replies[""]
 
 
 def test_an_unreachable_chat_server_is_one_message(filled, monkeypatch):
