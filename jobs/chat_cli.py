@@ -10,7 +10,7 @@ The model comes from the run's store (VIBECHAT_STORE / VIBECHAT_RUN, or VIBECHAT
 import argparse
 
 from vibechat.checkpoint_manager import load_model
-from vibechat.common import VibechatError, autocast_dtype, compute_init, run_main
+from vibechat.common import VibechatError, autocast_dtype, compute_init, nonnegative_int, run_main
 from vibechat.engine import Engine
 
 # how the calculator tool's tokens show in a streamed reply
@@ -24,7 +24,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
                         help="which phase's checkpoint to load (default: sft); base models continue text")
     parser.add_argument("--model-tag", default=None, help="model to load, e.g. d20 (default: the largest)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--step", type=nonnegative_int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("-p", "--prompt", default=None, help="answer this prompt, print the reply and exit")
     parser.add_argument("-t", "--temperature", type=float, default=0.6,
                         help="sampling temperature, 0 for greedy (default: 0.6)")

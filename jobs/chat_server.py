@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from vibechat.checkpoint_manager import load_model
-from vibechat.common import VibechatError, autocast_dtype, compute_init, positive_int, run_main
+from vibechat.common import VibechatError, autocast_dtype, compute_init, nonnegative_int, positive_int, run_main
 from vibechat.engine import ContinuousBatcher, Sequence
 
 # nanochat's request limits, plus n and the model's context (checked per request)
@@ -371,7 +371,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="which phase's checkpoint to serve (default: sft)")
     parser.add_argument("--run", default=os.environ.get("VIBECHAT_RUN"), help="run id (default: $VIBECHAT_RUN)")
     parser.add_argument("--store", default=None, help="store URL (default: $VIBECHAT_STORE or ~/.cache/vibechat)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    parser.add_argument("--step", type=nonnegative_int, default=None, help="checkpoint step (default: the newest)")
     parser.add_argument("--model-tag", default=None, help="model to load, e.g. d20 (default: the largest)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")

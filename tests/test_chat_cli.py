@@ -82,3 +82,16 @@ def test_a_bad_sampling_option_is_one_clear_line_and_a_nonzero_exit(tmp_path, op
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message} is not allowed")
+
+
+def test_a_model_tag_the_stage_lacks_names_the_tags_it_has(run_dir):
+    base, _, _ = run_dir
+    result = chat_cli(base, "--source", "sft", "--model-tag", "d9", "-p", "hello")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no model tag 'd9' in {base}/checkpoints/sft: it has d2"
+
+
+def test_a_negative_step_is_a_usage_error(run_dir):
+    base, _, _ = run_dir
+    result = chat_cli(base, "--source", "sft", "--step", "-3", "-p", "hello")
+    assert result.returncode == 2 and "--step: -3 must be at least 0" in result.stderr

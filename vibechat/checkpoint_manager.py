@@ -173,10 +173,14 @@ def prune_checkpoints(checkpoint_dir: str, keep_last: int) -> list[int]:
     return [step for step in doomed if step in committed]
 
 
+def model_tags(checkpoint_dir: str) -> list[str]:
+    """The model tags (sub-folders) of a stage's checkpoint folder, sorted."""
+    return sorted({key.split("/", 1)[0] for key in open_store(checkpoint_dir).list("") if "/" in key})
+
+
 def find_largest_model(checkpoint_dir: str) -> str:
     """The model tag with the largest depth (d20 over d12); other tags by newest checkpoint."""
-    store = open_store(checkpoint_dir)
-    tags = sorted({key.split("/", 1)[0] for key in store.list("") if "/" in key})
+    tags = model_tags(checkpoint_dir)
     if not tags:
         raise FileNotFoundError(f"no models in {checkpoint_dir}")
     depth_tags = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
@@ -223,6 +227,10 @@ def load_model(source: str, device, phase: str, model_tag: str | None = None, st
     if source not in STAGES:
         raise VibechatError(f"unknown model source {source!r}: use one of {', '.join(STAGES)}")
     root = join(get_base_dir(), checkpoint_dir(source))
+    if model_tag is not None:
+        tags = model_tags(root)
+        if tags and model_tag not in tags:
+            raise VibechatError(f"no model tag {model_tag!r} in {root}: it has {', '.join(tags)}")
     try:
         model_tag = model_tag or find_largest_model(root)
         step = find_last_step(join(root, model_tag)) if step is None else step
