@@ -294,7 +294,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     c.add_argument("--leader-elect", action="store_true", help="serve only while holding the controller Lease")
     c.add_argument("--namespace", default=os.environ.get("POD_NAMESPACE", "vibechat"),
                    help="namespace of the leader Lease (default $POD_NAMESPACE or vibechat)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.command == "serve" and not 0 <= args.http_port <= 65535:
+        p.error(f"--http-port {args.http_port} is not a port: use 0-65535")
+    return args
 
 
 def main(argv=None) -> None:

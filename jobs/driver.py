@@ -77,7 +77,6 @@ def phase_job(run: pipeline.RunState, store: Store, phase: str, attempt: int) ->
                     cfg["nnodes"], cfg["nproc_per_node"], cfg["gpus_per_node"], cfg.get("resources", {}))
 
 
-
 class Driver:
     """Moves one run forward, one step() per tick, while holding its lease.
 

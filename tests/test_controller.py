@@ -470,6 +470,7 @@ def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, exis
     (["serve", "--interval", "0"], "--interval: 0 must be above 0"),
     (["serve", "--interval", "soon"], "--interval: 'soon' is not a number"),
     (["logs", "r", "base", "--attempt", "0"], "--attempt: 0 must be at least 1"),
+    (["serve", "--http-port", "99999"], "--http-port 99999 is not a port: use 0-65535"),
 ])
 def test_bad_flag_values_are_one_usage_error(argv, message, store_url, capsys):
     code, _, err = run_controller_here(argv + ["--store", store_url], capsys)
