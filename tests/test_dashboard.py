@@ -33,6 +33,14 @@ APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 TIMEOUT = 60  # seconds for one script run: the first one imports torch, a chat turn loads and runs the model
 
 
+@pytest.fixture(autouse=True)
+def keep_main_module():
+    """AppTest installs the app as sys.modules['__main__']; later tests' spawned workers would re-run it."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
+
+
 @pytest.fixture(scope="module")
 def filled(tmp_path_factory):
     """A store holding run tiny-demo; tests that change it work on a copy (the store fixture)."""
