@@ -641,21 +641,23 @@ def test_the_existing_s3_overlay_drops_seaweedfs_and_points_at_the_bucket():
     assert "AWS_ENDPOINT_URL" not in data and data["VIBECHAT_STORE"].startswith("s3://")
 
 
+def gpu_pool_settings(tmp_path: Path) -> dict:
+    """The kubernetes.* settings of a d20 run started in a cluster installed from the gpu-pool overlay."""
+    (tmp_path / "cluster.yaml").write_text(built(ROOT / "k8s-overlays" / "gpu-pool", "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    return load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+
+
 def test_the_gpu_pool_overlay_queues_and_places_the_phase_pods(tmp_path):
-    path = ROOT / "k8s-overlays" / "gpu-pool"
-    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
-    k8s = load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+    k8s = gpu_pool_settings(tmp_path)
     job = render_pytorchjob(phase_job("base_train"), k8s["image"], k8s["namespace"], k8s)
     assert job["spec"]["runPolicy"]["suspend"] is True
     assert pod_spec(job)["nodeSelector"] and len(pod_spec(job)["tolerations"]) == 2
 
 
 def test_the_gpu_pool_overlay_places_the_chat_server_where_the_gpu_phase_pods_go(tmp_path):
-    path = ROOT / "k8s-overlays" / "gpu-pool"
-    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
-    k8s = load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+    k8s = gpu_pool_settings(tmp_path)
     phase = pod_spec(render_pytorchjob(phase_job("base_train"), k8s["image"], k8s["namespace"], k8s))
-    server = built(path, "Deployment", "vibechat-serve")["spec"]["template"]["spec"]
+    server = built(ROOT / "k8s-overlays" / "gpu-pool", "Deployment", "vibechat-serve")["spec"]["template"]["spec"]
     assert server["nodeSelector"] == phase["nodeSelector"]
     assert {tuple(sorted(t.items())) for t in server["tolerations"]} == {tuple(sorted(t.items())) for t in phase["tolerations"]}
     assert server["containers"][0]["image"] == k8s["image"]
