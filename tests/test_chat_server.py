@@ -116,6 +116,11 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+@pytest.mark.parametrize("stop", [None, []])
+def test_no_stop_sequences_is_accepted_as_openai_s_default(server, stop):
+    assert ask(server, "hi", max_tokens=2, stop=stop).choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("body, param, code", [
     ({"messages": user("hi"), "temperature": 2.5}, "temperature", "invalid_value"),
     ({"messages": user("hi"), "temperature": -0.1}, "temperature", "invalid_value"),
@@ -139,11 +144,6 @@ def user(text: str) -> list[dict]:
     ({"messages": [{"role": "assistant", "content": "hi"}]}, "messages", "invalid_value"),
     ({"messages": user("hi"), "model": "gpt-4"}, "model", "model_not_found"),
 ])
-@pytest.mark.parametrize("stop", [None, []])
-def test_no_stop_sequences_is_accepted_as_openai_s_default(server, stop):
-    assert ask(server, "hi", max_tokens=2, stop=stop).choices[0].finish_reason in ("stop", "length")
-
-
 def test_each_limit_is_a_4xx_naming_it_and_the_server_keeps_serving(server, body, param, code):
     response = httpx.post(server + "/v1/chat/completions", json=body)
     assert 400 <= response.status_code < 500
