@@ -1,5 +1,8 @@
-"""Chat: talk to any checkpoint of the run (a base model continues the text instead); replies stream token by token.
-The chosen checkpoint, the sampling settings and the conversation outlive a visit to another page."""
+"""Chat: talk to any checkpoint of the run (a base model continues the text instead), or, with VIBECHAT_SERVE_URL set,
+to the model of that chat server; replies stream token by token. The chosen model, the sampling settings and the
+conversation outlive a visit to another page."""
+
+import os
 
 import streamlit as st
 
@@ -7,68 +10,91 @@ from dashboard import chat, data, view
 from vibechat.common import VibechatError
 from vibechat.layout import run_dir
 
-MAX_TOKENS = 512  # the longest reply
+MAX_TOKENS = 512  # the longest reply of the in-process model
 MAX_CHARS = 4000  # the longest message: about 1,000 tokens, more than a small model's context holds anyway
 
 url, run_id = st.session_state.store_url, st.session_state.run_id
+serve_url = os.environ.get("VIBECHAT_SERVE_URL")  # a chat server (python -m jobs.chat_server) to talk through
 st.title("Chat")
-found = data.checkpoints(url, run_id)
-if not found:
-    st.info(f"Run {run_id} has no checkpoint yet: chat needs one from the base, mid, sft or rl phase.")
-    st.stop()
-
-source_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
-view.init("chat_source", list(found)[-1], list(found))
-stage = source_column.selectbox("Checkpoint", list(found), help="the phase that wrote it",
-                             key="chat_source")
-view.init("chat_model_tag", list(found[stage])[0], list(found[stage]))
-model_tag = tag_column.selectbox("Model", list(found[stage]), key="chat_model_tag")
-view.init("chat_step", found[stage][model_tag][0], found[stage][model_tag])
-step = step_column.selectbox("Step", found[stage][model_tag], key="chat_step")
+if serve_url:
+    try:
+        models = chat.server_models(serve_url)
+    except VibechatError as e:
+        st.error(str(e))
+        st.stop()
+    model_column, temperature_column, top_k_column = st.columns([3, 2, 2])
+    view.init("chat_server_model", models[0], models)
+    model = model_column.selectbox("Model", models, key="chat_server_model", help=f"served by {serve_url}")
+    conversation_of, is_chat = (serve_url, model), True
+    caption = f"{model}, served by {serve_url}"
+else:
+    found = data.checkpoints(url, run_id)
+    if not found:
+        st.info(f"Run {run_id} has no checkpoint yet: chat needs one from the base, mid, sft or rl phase.")
+        st.stop()
+    stage_column, tag_column, step_column, temperature_column, top_k_column = st.columns([1, 1, 1, 2, 2])
+    view.init("chat_source", list(found)[-1], list(found))
+    stage = stage_column.selectbox("Checkpoint", list(found), help="the phase that wrote it", key="chat_source")
+    view.init("chat_model_tag", list(found[stage])[0], list(found[stage]))
+    model_tag = tag_column.selectbox("Model", list(found[stage]), key="chat_model_tag")
+    view.init("chat_step", found[stage][model_tag][0], found[stage][model_tag])
+    step = step_column.selectbox("Step", found[stage][model_tag], key="chat_step")
 view.init("chat_temperature", 0.6)
 temperature = temperature_column.slider("Temperature", 0.0, 2.0, step=0.05, key="chat_temperature",
                                         help="0 always picks the likeliest token")
 view.init("chat_top_k", 50)
 top_k = top_k_column.slider("Top-k", 1, 200, key="chat_top_k", help="sample among the k likeliest tokens")
 
-try:
-    chat_model = chat.load_chat_model(data.store(url).uri(run_dir(run_id)), stage, model_tag, step)
-except Exception as e:  # a broken checkpoint gets a message; the rest of the app goes on
-    reason = e if isinstance(e, VibechatError) else f"{type(e).__name__}: {e}"
-    st.error(f"Cannot load checkpoint {stage}/{model_tag} step {step} of run {run_id}: {reason}")
-    st.stop()
+if not serve_url:
+    try:
+        chat_model = chat.load_chat_model(data.store(url).uri(run_dir(run_id)), stage, model_tag, step)
+    except Exception as e:  # a broken checkpoint gets a message; the rest of the app goes on
+        reason = e if isinstance(e, VibechatError) else f"{type(e).__name__}: {e}"
+        st.error(f"Cannot load checkpoint {stage}/{model_tag} step {step} of run {run_id}: {reason}")
+        st.stop()
+    conversation_of, is_chat = (url, run_id, stage, model_tag, step), chat_model.is_chat
+    caption = f"{stage} model {model_tag}, step {step}, on {chat_model.device}"
+    if not is_chat:
+        caption += " — a base model continues your text"
+    if chat_model.engine.use_cuda_graph:
+        caption += " — the first reply waits while the decode step compiles (about a minute)"
 
-# a conversation belongs to one checkpoint: picking another starts a new one
-checkpoint = (url, run_id, stage, model_tag, step)
+# a conversation belongs to one model: picking another starts a new one
 new_conversation = st.button("New conversation")
-if new_conversation or st.session_state.get("chat_checkpoint") != checkpoint:
-    st.session_state.chat_checkpoint = checkpoint
+if new_conversation or st.session_state.get("chat_of") != conversation_of:
+    st.session_state.chat_of = conversation_of
     st.session_state.chat_messages = []  # (role, Markdown) as shown
-    st.session_state.chat_tokens = [chat_model.engine.tokenizer.get_bos_token_id()]  # the conversation so far
-note = "" if chat_model.is_chat else " — a base model continues your text"
-if chat_model.engine.use_cuda_graph:
-    note += " — the first reply waits while the decode step compiles (about a minute)"
-st.caption(f"{stage} model {model_tag}, step {step}, on {chat_model.device}{note}")
+    st.session_state.chat_history = []  # {"role", "content"} as the chat server reads them
+    st.session_state.chat_tokens = None if serve_url else [chat_model.engine.tokenizer.get_bos_token_id()]
+st.caption(caption)
 
 for role, text in st.session_state.chat_messages:
     st.chat_message(role).markdown(text)
 
-prompt = st.chat_input("Message the model" if chat_model.is_chat else "Text for the model to continue",
-                       max_chars=MAX_CHARS)
+prompt = st.chat_input("Message the model" if is_chat else "Text for the model to continue", max_chars=MAX_CHARS)
 if prompt:
     shown_prompt = chat.verbatim(prompt)
     st.chat_message("user").markdown(shown_prompt)
-    tokens = chat.prompt_tokens(chat_model, st.session_state.chat_tokens, prompt)
-    reply: list[int] = []
+    history = [*st.session_state.chat_history, {"role": "user", "content": prompt}]
+    if serve_url:
+        sent: list[str] = []
+        pieces = chat.stream_from_server(serve_url, model, history, sent, temperature, top_k)
+    else:
+        tokens = chat.prompt_tokens(chat_model, st.session_state.chat_tokens, prompt)
+        reply: list[int] = []
+        pieces = chat.stream_reply(chat_model, tokens, reply, temperature, top_k, MAX_TOKENS)
     with st.chat_message("assistant"):
         try:
-            text = st.write_stream(chat.stream_reply(chat_model, tokens, reply, temperature, top_k, MAX_TOKENS))
+            text = st.write_stream(pieces)
             if not text:
                 text = "*(the model ended its reply at once)*"
                 st.markdown(text)
-        except VibechatError as e:  # e.g. the conversation outgrew the model's context
+        except VibechatError as e:  # e.g. the conversation outgrew the model's context, or the server failed
             st.error(f"{e} — this message is not part of the conversation; shorten it or start a new conversation.")
             st.stop()
     st.session_state.chat_messages += [("user", shown_prompt), ("assistant", text)]
-    assistant_end = chat_model.engine.tokenizer.encode_special("<|assistant_end|>")
-    st.session_state.chat_tokens = tokens + reply + [assistant_end]
+    if serve_url:
+        st.session_state.chat_history = [*history, {"role": "assistant", "content": "".join(sent)}]
+    else:
+        assistant_end = chat_model.engine.tokenizer.encode_special("<|assistant_end|>")
+        st.session_state.chat_tokens = tokens + reply + [assistant_end]

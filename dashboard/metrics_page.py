@@ -70,7 +70,8 @@ def show_charts(run_ids: list[str]) -> None:
     if bad:
         st.warning(f"Skipped {bad} corrupt line{'s' if bad > 1 else ''} in the evaluation metrics.")
     if len(scores):
-        st.dataframe(scores, column_config={s: st.column_config.NumberColumn(format="%.4f") for s in scores.columns})
+        shown = scores.map(lambda v: "" if pd.isna(v) else f"{v:.4f}")  # a stage that did not score a task: blank
+        st.dataframe(shown, height=36 + 35 * len(shown))
     else:
         st.caption("No scores yet: each training phase is followed by its evaluation.")
 

@@ -4,24 +4,41 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import requests
 from streamlit.testing.v1 import AppTest
 
 from dashboard import chat, data
 from jobs import pipeline
+from jobs.backends.local import LocalBackend
+from jobs.config import load_config
+from jobs.driver import local_state_dir, phase_job
+from jobs.runstore import write_run
 from tests.conftest import free_port
 from tests.dashboard_fixture import RL_ERROR, fill_store
 from vibechat.checkpoint_manager import build_model, load_checkpoint
 from vibechat.common import autodetect_device_type
 from vibechat.engine import Engine
+from vibechat.storage import open_store
 from vibechat.tokenizer import RustBPETokenizer
 
 APP = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dashboard", "app.py")
 TIMEOUT = 60  # seconds for one script run: the first one imports torch, a chat turn loads and runs the model
+
+
+@pytest.fixture(autouse=True)
+def keep_main_module():
+    """AppTest installs the app as sys.modules['__main__']; later tests' spawned workers would re-run it."""
+    main = sys.modules["__main__"]
+    yield
+    sys.modules["__main__"] = main
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +123,16 @@ def test_runs_page_shows_the_error_of_the_failed_phase(filled, monkeypatch):
     assert [e.value for e in at.error] == [f"**rl** failed on attempt 2: {RL_ERROR}"]
 
 
+def test_a_url_naming_a_run_not_in_the_store_says_so_and_shows_the_newest(filled, monkeypatch):
+    monkeypatch.setenv("VIBECHAT_STORE", str(filled))
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.query_params["run"] = "gone"
+    at.run()
+    assert [w.value for w in at.warning] == [
+        "The URL asks for run=gone, which is not in this store: it shows tiny-demo instead."]
+    assert at.selectbox(key="run_id").value == "tiny-demo"
+
+
 def test_a_running_phase_shows_its_duration_so_far():
     config = {"phases": {name: {"skip": False} for name in pipeline.PHASES}}
     run = pipeline.new_run("live", "tiny", config, "local", 1000.0)
@@ -155,11 +182,42 @@ def test_metrics_page_overlays_the_runs_to_compare(store, monkeypatch):
     assert loss.groupby("run").size().to_dict() == {"tiny-demo": 200, "tiny-b": 200}
 
 
+def test_metrics_page_smooths_the_curves_as_tensorboard_does(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "metrics_page.py")
+    raw = chart_data(at.get("vega_lite_chart")[0])["loss"]
+    at.slider(key="smoothing").set_value(0.9).run()
+    smoothed = chart_data(at.get("vega_lite_chart")[0])["loss"]
+    assert smoothed.iloc[0] == pytest.approx(raw.iloc[0])  # debiased: the first point is not pulled towards 0
+    assert smoothed.diff().abs().mean() < raw.diff().abs().mean() / 2
+
+
+def test_metrics_page_draws_a_log_y_axis(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "metrics_page.py")
+    at.toggle(key="log_y").set_value(True).run()
+    spec = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+    assert spec["encoding"]["y"]["scale"]["type"] == "log"
+
+
+def test_metrics_page_shows_the_settings_where_compared_runs_differ(store, monkeypatch):
+    fill_store(str(store), "tiny-b", seed=1)
+    run_json = store / "runs" / "tiny-b" / "run.json"
+    run_json.write_text(run_json.read_text().replace('"depth": 4', '"depth": 6'))
+    at = open_app(store, monkeypatch, "metrics_page.py")
+    at.multiselect(key="compare_with").set_value(["tiny-b"]).run()
+    diff = at.dataframe[-1].value
+    assert diff.to_dict("index") == {"phases.base.args.depth": {"tiny-demo": "4", "tiny-b": "6"}}
+
+
 def test_metrics_page_shows_the_eval_scores_of_each_stage(filled, monkeypatch):
     at = open_app(filled, monkeypatch, "metrics_page.py")
     scores = at.dataframe[0].value
-    assert scores.loc[("tiny-demo", "CORE"), "base"] == pytest.approx(0.061)
-    assert scores.loc[("tiny-demo", "MMLU"), "sft"] == pytest.approx(0.27)
+    assert scores.loc[("tiny-demo", "CORE"), "base"] == "0.0610"
+    assert scores.loc[("tiny-demo", "MMLU"), "sft"] == "0.2700"
+
+
+def test_a_stage_that_did_not_score_a_task_shows_a_blank_cell_not_none(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "metrics_page.py")
+    assert at.dataframe[0].value.loc[("tiny-demo", "CORE"), "sft"] == ""
 
 
 def test_a_corrupt_metrics_line_is_skipped_and_counted(store, monkeypatch):
@@ -213,6 +271,23 @@ def test_report_page_without_a_report_shows_the_scores_so_far(store, monkeypatch
     assert "| CORE | 0.0610 | - | - | - |" in at.markdown[0].value
 
 
+# --- logs -----------------------------------------------------------------------------------------------
+
+
+def test_logs_page_shows_a_running_phases_output_from_its_backend(store, monkeypatch):
+    run = pipeline.new_run("live", "tiny", load_config("tiny"), "local", time.time())
+    pipeline.mark_running(run, "data", 1, "vibechat-live-data-1", time.time())
+    write_run(open_store(str(store)), run, None)
+    job_dir = LocalBackend(local_state_dir(open_store(str(store)))).job_dir(phase_job(run, open_store(str(store)),
+                                                                                      "data", 1))
+    os.makedirs(job_dir)
+    with open(os.path.join(job_dir, "output.log"), "w") as f:
+        f.write("downloading shard 1/4\n")
+    at = open_app(store, monkeypatch, "logs_page.py")  # the newest run: live
+    assert at.code[0].value == "downloading shard 1/4"
+    assert "following, every 5 s" in at.caption[0].value
+
+
 # --- chat -----------------------------------------------------------------------------------------------
 
 
@@ -236,6 +311,11 @@ def test_chat_keeps_the_conversation_and_a_new_one_starts_empty(filled, monkeypa
     assert [m.name for m in at.chat_message] == ["user", "assistant", "user", "assistant"]
     at.button[0].click().run()
     assert len(at.chat_message) == 0
+
+
+def test_the_message_box_takes_at_most_max_chars(filled, monkeypatch):
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    assert at.chat_input[0].proto.max_chars == 4000  # a longer one is cut in the box, not echoed and then dropped
 
 
 def test_a_base_checkpoint_continues_the_text(filled, monkeypatch):
@@ -321,3 +401,57 @@ def test_a_run_in_an_s3_store_shows_and_chats(s3_url, monkeypatch):
     assert at.dataframe[0].value["run"].tolist() == ["tiny-demo"]
     at.switch_page("chat_page.py").run()
     assert say(at, "hello there") == chat.verbatim("Hello! I am a tiny vibechat model. How are you today?")
+
+
+# --- chat through a chat server (VIBECHAT_SERVE_URL) ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chat_server(filled):
+    """`python -m jobs.chat_server` serving the sft checkpoint of tiny-demo on loopback; its URL once ready."""
+    port = free_port()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}, "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", "--port", str(port),
+                               "--store", str(filled), "--run", "tiny-demo", "--source", "sft"],
+                              cwd=os.path.dirname(os.path.dirname(APP)), env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not ready(url):
+        assert server.poll() is None and time.monotonic() < deadline, "the chat server did not become ready"
+        time.sleep(0.3)
+    yield url
+    server.terminate()
+    server.wait(10)
+
+
+def ready(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/ready", timeout=2).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+def test_chat_streams_the_reply_of_the_configured_chat_server(filled, chat_server, monkeypatch):
+    monkeypatch.setenv("VIBECHAT_SERVE_URL", chat_server)
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    assert at.caption[0].value == f"tiny-demo/sft/60, served by {chat_server}"
+    assert say(at, "What is 7 times 7?") == "So 7\\*7= 🧮 `7*7` → `49` 49 apples.  \n\\#\\#\\#\\# 49"
+
+
+def test_a_conversation_through_the_chat_server_reads_as_the_in_process_one(filled, chat_server, monkeypatch):
+    replies = {}
+    for serve_url in (chat_server, ""):
+        monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+        at = open_app(filled, monkeypatch, "chat_page.py")
+        replies[serve_url] = [say(at, "hello there"), say(at, "Why is the sky blue?")]
+    assert replies[chat_server] == replies[""]
+
+
+def test_an_unreachable_chat_server_is_one_message(filled, monkeypatch):
+    serve_url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    monkeypatch.setenv("VIBECHAT_SERVE_URL", serve_url)
+    at = open_app(filled, monkeypatch, "chat_page.py")
+    assert [e.value for e in at.error] == [
+        f"cannot reach the chat server at {serve_url} (ConnectionError): check VIBECHAT_SERVE_URL and that "
+        "`python -m jobs.chat_server` runs there"]

@@ -5,6 +5,7 @@ import http.client
 import http.server
 import os
 import threading
+import time
 
 import pytest
 
@@ -33,6 +34,15 @@ def test_list_returns_keys_under_a_prefix_recursively(store):
         store.put_text(key, "{}")
     assert store.list("runs/r1") == ["runs/r1/metrics/base.jsonl", "runs/r1/run.json"]
     assert store.list("runs/r") == []  # a prefix is a folder, not a string prefix
+
+
+def test_stat_gives_an_objects_size_and_when_it_was_written(store):
+    before = time.time()
+    store.put_bytes("a/b.bin", b"x" * 1234)
+    size, written = store.stat("a/b.bin")
+    assert size == 1234 and before - 5 <= written <= time.time() + 5
+    with pytest.raises(FileNotFoundError):
+        store.stat("a/missing.bin")
 
 
 def test_exists_and_delete(store):
