@@ -41,7 +41,7 @@ DEFAULT_MAX_TOKENS = 512  # when a request names none (and the context has room)
 DEFAULT_TOP_K = 50  # when a request samples (temperature > 0) and names none, as the chat CLI
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 SUPPORTED = {"model", "messages", "temperature", "top_k", "max_tokens", "max_completion_tokens", "n", "seed",
-             "stream", "stream_options", "user"}
+             "stop", "stream", "stream_options", "user"}
 RETRY_AFTER_S = 1
 
 
@@ -91,6 +91,9 @@ def parse_request(body, tokenizer, context: int) -> Completion:
     if unknown:
         raise ApiError(400, f"parameter {unknown[0]!r} is not supported by this server; supported: "
                        f"{', '.join(sorted(SUPPORTED))}", unknown[0], "unsupported_parameter")
+    if body.get("stop") not in (None, []):  # null or [] is OpenAI's default, no stop sequences (lm-eval sends [])
+        raise ApiError(400, f"stop sequences are not supported by this server, not {body['stop']!r}: leave stop out "
+                       "(replies end at the model's end of turn)", "stop", "unsupported_parameter")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages", "invalid_value")

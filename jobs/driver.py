@@ -155,34 +155,35 @@ class Driver:
         """Follow the phase's job; True when `run` changed (the job was seen, or its end recorded)."""
         self.watching = job
         status = self.backend.status(job)
-        # a job this machine's backend does not know may run (or have ended) on another: its liveness record says
-        elsewhere = self._elsewhere(job, now) if status.state == "missing" else None
-        if elsewhere and elsewhere.state == "running":
-            if job.name not in self.offsets:
-                self.offsets[job.name] = 0
-                self.say(f"{job.phase}: following {job.name}, {elsewhere.message}")
-            return False
-        status = elsewhere or status
-        self._follow(job, now)
         seen = run.phases[job.phase].job_seen
-        if status.state == "missing" and not seen:
+        elsewhere = None
+        if status.state == "missing":
+            # a job this machine's backend does not know may run (or have ended) on another: its liveness record says
+            elsewhere = self._elsewhere(job, now)
+            if elsewhere and elsewhere.state == "running":
+                if job.name not in self.offsets:
+                    self.offsets[job.name] = 0
+                    self.say(f"{job.phase}: following {job.name}, {elsewhere.message}")
+                return False
+            status = elsewhere or status
+            if seen and status.state == "missing":
+                # it existed and is gone before its end was seen, with no record of its process: the outcome is
+                # unknown, so the attempt failed and a retry starts under a new name (training resumes from its checkpoint)
+                status = JobStatus("failed", f"job {job.name} was deleted before the controller saw it end")
+        self._follow(job, now)
+        if status.state == "missing":
             # recorded as running but never started: the last controller stopped between the two
             self.say(f"{job.phase}: job {job.name} not found; submitting it")
             self.backend.submit(job)
             health.SUBMITTED.inc()
             self.known.add(job.name)
             return False
-        if status.state == "missing":
-            # it existed and is gone before its end was seen: the outcome is unknown, so the attempt
-            # failed and a retry starts under a new name (training resumes from its checkpoint)
-            status = JobStatus("failed", f"job {job.name} was deleted before the controller saw it end")
-        else:
-            if job.name not in self.known:  # started by a controller before this one
-                health.ADOPTED.inc()
-                self.known.add(job.name)
-            if not seen:
-                pipeline.mark_seen(run, job.phase)
-                return True
+        if elsewhere is None and job.name not in self.known:  # started by a controller before this one
+            health.ADOPTED.inc()
+            self.known.add(job.name)
+        if not seen:
+            pipeline.mark_seen(run, job.phase)
+            return True
         if status.state in ("pending", "running"):
             if now - self.uploaded_at.get(job.name, now) > LOG_UPLOAD_SECONDS:
                 self._upload_log(job, now)

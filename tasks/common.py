@@ -110,6 +110,14 @@ def multiple_choice_conversation(question: str, choices: list[str], answer_index
     }
 
 
+def answer_letter(reply: str, letters: list[str]) -> str | None:
+    """The letter a written reply answers with: its first word, without the punctuation of "B." or "(B)", if that
+    is one of the choices' letters."""
+    words = reply.split(maxsplit=1)
+    word = words[0].strip("().:,") if words else ""
+    return word if word in letters else None
+
+
 class MultipleChoiceTask(Task):
     """Questions answered with one letter; evaluation compares the letter."""
 

@@ -15,7 +15,8 @@ from tasks.humaneval import HumanEval
 from tasks.mmlu import MMLU
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.standins import StandinArithmetic, StandinConversations, StandinMultipleChoice
+from tasks.standins import (StandinArithmetic, StandinConversations, StandinMultipleChoice,
+                            StandinMultipleChoiceGenerative)
 from vibechat.common import VibechatError
 
 IDENTITY_PATH = os.path.join(os.path.dirname(__file__), "data", "identity.jsonl")
@@ -35,6 +36,7 @@ TASKS = {
     "customjson": (CustomJSON, {}),
     "arithmetic-standin": (StandinArithmetic, {}),
     "multiple-choice-standin": (StandinMultipleChoice, {}),
+    "multiple-choice-standin-generative": (StandinMultipleChoiceGenerative, {}),
     "conversations-standin": (StandinConversations, {}),
 }
 

@@ -15,7 +15,7 @@ import random
 import zlib
 
 from tasks.arc import arc_conversation
-from tasks.common import LETTERS, MultipleChoiceTask, Task, check_choice
+from tasks.common import LETTERS, MultipleChoiceTask, Task, answer_letter, check_choice
 from tasks.gsm8k import FinalNumberTask, gsm8k_conversation
 from tasks.spellingbee import load_words
 
@@ -242,6 +242,22 @@ class StandinMultipleChoice(StandinTask, MultipleChoiceTask):
             }
             return key, row
         return arc_conversation(generate("multiple-choice", self.split, index, make))
+
+
+class StandinMultipleChoiceGenerative(StandinMultipleChoice):
+    """The same questions answered in writing: the reply is generated and the letter it starts with graded. How a
+    model is scored where no logits come back, as through a chat completions API (tasks/lm_eval/)."""
+
+    @property
+    def name(self) -> str:
+        return "MultipleChoice (stand-in, generative)"
+
+    @property
+    def eval_type(self) -> str:
+        return "generative"
+
+    def evaluate(self, conversation: dict, assistant_response: str) -> int:
+        return int(answer_letter(assistant_response, conversation["letters"]) == conversation["answer"])
 
 
 # ---------------------------------------------------------------------------------------------

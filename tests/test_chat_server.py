@@ -3,10 +3,8 @@ limits, a disconnecting client, metrics."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2 as httpx
@@ -15,8 +13,8 @@ import pytest
 
 from jobs.chat_server import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS
 from tests.model_fixtures import CHAT_TEXTS, write_chat_checkpoint
+from tests.serve_fixtures import REPO, start_server, stop_server
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONTEXT = 1024
 MODEL = "default/sft/0"
 
@@ -27,38 +25,6 @@ def base_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("run")
     write_chat_checkpoint(base, sequence_len=CONTEXT)
     return base
-
-
-def start_server(base, *args: str) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
-    env.update(VIBECHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", "--port", str(port), *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/ready").status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            break
-        time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"the server did not become ready:\n{proc.communicate()[0]}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +116,11 @@ def user(text: str) -> list[dict]:
     return [{"role": "user", "content": text}]
 
 
+@pytest.mark.parametrize("stop", [None, []])
+def test_no_stop_sequences_is_accepted_as_openai_s_default(server, stop):
+    assert ask(server, "hi", max_tokens=2, stop=stop).choices[0].finish_reason in ("stop", "length")
+
+
 @pytest.mark.parametrize("body, param, code", [
     ({"messages": user("hi"), "temperature": 2.5}, "temperature", "invalid_value"),
     ({"messages": user("hi"), "temperature": -0.1}, "temperature", "invalid_value"),
@@ -161,6 +132,8 @@ def user(text: str) -> list[dict]:
     ({"messages": user("hi"), "n": 0}, "n", "invalid_value"),
     ({"messages": user("hi"), "n": 9}, "n", "invalid_value"),
     ({"messages": user("hi"), "logprobs": True}, "logprobs", "unsupported_parameter"),
+    ({"messages": user("hi"), "stop": ["\n"]}, "stop", "unsupported_parameter"),
+    ({"messages": user("hi"), "stop": "\n"}, "stop", "unsupported_parameter"),
     ({"messages": user("hi"), "stream": "yes"}, "stream", "invalid_value"),
     ({"messages": []}, "messages", "invalid_value"),
     ({"messages": user("hi") * (MAX_MESSAGES + 1)}, "messages", "too_many_messages"),

@@ -486,7 +486,7 @@ def test_controller_serves_with_leader_election_as_the_bound_service_account():
 def test_run_config_in_the_cluster_is_a_valid_overlay_naming_the_deployed_image(tmp_path):
     (tmp_path / "cluster.yaml").write_text(find("ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
     config = load_config(preset_names()[0], str(tmp_path / "cluster.yaml"))
-    images = {c["image"] for name in ("vibechat-controller", "vibechat-dashboard")
+    images = {c["image"] for name in ("vibechat-controller", "vibechat-dashboard", "vibechat-serve")
               for c in find("Deployment", name)["spec"]["template"]["spec"]["containers"]}
     assert images == {config["kubernetes"]["image"]}
     assert config["kubernetes"]["namespace"] == find("Role", "vibechat-controller")["metadata"]["namespace"]
@@ -523,7 +523,7 @@ def test_scraped_pods_expose_the_port_they_announce():
     pods = [d["spec"]["template"] for d in all_core_objects() if d["kind"] in ("Deployment", "StatefulSet")]
     pods.append(render(phase_job("base_train"))["spec"]["pytorchReplicaSpecs"]["Master"]["template"])
     scraped = [p for p in pods if p["metadata"].get("annotations", {}).get("prometheus.io/scrape") == "true"]
-    assert len(scraped) == 3  # the S3 server, the controller and the training master (global rank 0)
+    assert len(scraped) == 4  # the S3 server, the controller, the chat server and the training master (global rank 0)
     for pod in scraped:
         ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
         assert int(pod["metadata"]["annotations"]["prometheus.io/port"]) in ports
@@ -641,13 +641,26 @@ def test_the_existing_s3_overlay_drops_seaweedfs_and_points_at_the_bucket():
     assert "AWS_ENDPOINT_URL" not in data and data["VIBECHAT_STORE"].startswith("s3://")
 
 
+def gpu_pool_settings(tmp_path: Path) -> dict:
+    """The kubernetes.* settings of a d20 run started in a cluster installed from the gpu-pool overlay."""
+    (tmp_path / "cluster.yaml").write_text(built(ROOT / "k8s-overlays" / "gpu-pool", "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
+    return load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+
+
 def test_the_gpu_pool_overlay_queues_and_places_the_phase_pods(tmp_path):
-    path = ROOT / "k8s-overlays" / "gpu-pool"
-    (tmp_path / "cluster.yaml").write_text(built(path, "ConfigMap", "vibechat-run-config")["data"]["cluster.yaml"])
-    k8s = load_config("d20", str(tmp_path / "cluster.yaml"))["kubernetes"]
+    k8s = gpu_pool_settings(tmp_path)
     job = render_pytorchjob(phase_job("base_train"), k8s["image"], k8s["namespace"], k8s)
     assert job["spec"]["runPolicy"]["suspend"] is True
     assert pod_spec(job)["nodeSelector"] and len(pod_spec(job)["tolerations"]) == 2
+
+
+def test_the_gpu_pool_overlay_places_the_chat_server_where_the_gpu_phase_pods_go(tmp_path):
+    k8s = gpu_pool_settings(tmp_path)
+    phase = pod_spec(render_pytorchjob(phase_job("base_train"), k8s["image"], k8s["namespace"], k8s))
+    server = built(ROOT / "k8s-overlays" / "gpu-pool", "Deployment", "vibechat-serve")["spec"]["template"]["spec"]
+    assert server["nodeSelector"] == phase["nodeSelector"]
+    assert {tuple(sorted(t.items())) for t in server["tolerations"]} == {tuple(sorted(t.items())) for t in phase["tolerations"]}
+    assert server["containers"][0]["image"] == k8s["image"]
 
 
 # --- hardening ------------------------------------------------------------------------------------------
@@ -674,6 +687,38 @@ def test_every_container_has_a_read_only_root_and_writable_scratch_of_bounded_si
             writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
             assert "/tmp" in writable, name
         assert all(v["emptyDir"].get("sizeLimit") for v in pod["volumes"] if "emptyDir" in v), name
+
+
+# the volume types the restricted Pod Security Standard allows
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod spec the restricted Pod Security Standard (the namespace enforces it) refuses."""
+    out = [f"host namespace {k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    out += [f"volume {v['name']}" for v in pod.get("volumes", []) if not set(v) - {"name"} <= RESTRICTED_VOLUMES]
+    for c in pod["containers"]:
+        context = {**pod.get("securityContext", {}), **c.get("securityContext", {})}  # the container's wins
+        if context.get("runAsNonRoot") is not True or context.get("runAsUser") == 0:
+            out.append(f"{c['name']}: may run as root")
+        if context.get("allowPrivilegeEscalation") is not False or context.get("privileged"):
+            out.append(f"{c['name']}: may escalate privileges")
+        if context.get("capabilities", {}).get("drop") != ["ALL"] or set(context.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{c['name']}: keeps capabilities")
+        if context.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{c['name']}: no seccomp profile")
+        out += [f"{c['name']}: host port" for p in c.get("ports", []) if p.get("hostPort")]
+    return out
+
+
+def test_every_pod_meets_the_restricted_pod_security_standard():
+    assert {name: restricted_violations(t["spec"]) for name, t in pod_templates().items()} == {name: [] for name in pod_templates()}
+
+
+def test_the_restricted_check_refuses_a_container_that_keeps_its_capabilities():
+    pod = find("Deployment", "vibechat-serve")["spec"]["template"]["spec"]
+    del pod["containers"][0]["securityContext"]["capabilities"]
+    assert restricted_violations(pod) == ["serve: keeps capabilities"]
 
 
 def test_the_controller_keeps_a_replica_through_voluntary_disruptions():
@@ -713,6 +758,24 @@ def test_the_phase_pods_reach_each_other_on_any_port_and_only_vibechat_pods_reac
     assert peers and selects(peers[0]["from"][0]["podSelector"], phase_labels)
     s3 = find("NetworkPolicy", "vibechat-s3")["spec"]["ingress"]
     assert [r["from"] for r in s3 if {"port": 8333} in r["ports"]] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "vibechat"}}}]]
+
+
+def test_only_the_dashboard_reaches_the_chat_server_and_on_its_port_only():
+    pods = pod_templates()
+    serve = pods["vibechat-serve"]
+    policies = [d for d in all_core_objects() if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]
+                and selects(d["spec"]["podSelector"], serve["metadata"]["labels"])]
+    rules = [rule for p in policies for rule in p["spec"]["ingress"]]
+    assert [rule["ports"] for rule in rules] == [[{"port": serve["spec"]["containers"][0]["ports"][0]["containerPort"]}]]
+    peers = [peer["podSelector"] for peer in rules[0]["from"]]
+    assert [name for name, t in pods.items() if any(selects(p, t["metadata"]["labels"]) for p in peers)] == ["vibechat-dashboard"]
+
+
+def test_the_dashboard_chats_through_the_chat_server_service():
+    env = find("Deployment", "vibechat-dashboard")["spec"]["template"]["spec"]["containers"][0]["env"]
+    service = find("Service", "vibechat-serve")
+    url = f"http://{service['metadata']['name']}.{service['metadata']['namespace']}.svc:{service['spec']['ports'][0]['port']}"
+    assert {e["name"]: e["value"] for e in env}["VIBECHAT_SERVE_URL"] == url
 
 
 # --- the image ----------------------------------------------------------------------------------------

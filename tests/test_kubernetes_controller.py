@@ -23,6 +23,8 @@ from jobs.config import load_config
 from jobs.console import Console
 from jobs.driver import Driver, phase_job
 from tests.kmock_fixtures import api_client, call, cluster  # noqa: F401 (cluster is a fixture)
+from vibechat import liveness
+from vibechat.layout import in_run, liveness_key
 from vibechat.storage import open_store
 
 pytestmark = pytest.mark.asyncio
@@ -120,10 +122,25 @@ async def test_a_job_deleted_before_its_end_was_seen_is_a_failed_attempt_never_r
     phase, name = await start_first_phase(store, cluster, d)
     del cluster.objects[JOBS, NS, name]
     await call(d.step)
+    assert phase_of(store, phase).state == pl.RUNNING  # its process may still run: followed until its record expires
+    record = liveness.read(store, "r1", phase, 1)
+    liveness.write(store, "r1", phase, 1, liveness.Liveness(record.owner, time.time() - 1))
+    await call(d.step)
     p = phase_of(store, phase)
-    assert p.state == pl.PENDING and p.failures == 1 and "deleted before the controller saw it end" in p.error
+    assert p.state == pl.PENDING and p.failures == 1 and "stopped renewing its liveness record" in p.error
     await call(d.step)
     assert created(cluster) == [name, name.removesuffix("-1") + "-2"]
+
+
+async def test_a_job_deleted_before_its_end_was_seen_with_no_liveness_record_is_a_failed_attempt(store, cluster):
+    new_run(store)
+    d = driver(store, cluster, "ctl-a")
+    phase, name = await start_first_phase(store, cluster, d)
+    del cluster.objects[JOBS, NS, name]
+    store.delete(in_run("r1", liveness_key(phase, 1)))
+    await call(d.step)
+    p = phase_of(store, phase)
+    assert p.state == pl.PENDING and p.failures == 1 and "deleted before the controller saw it end" in p.error
 
 
 async def test_a_job_recorded_but_never_created_is_created(store, cluster):

@@ -21,7 +21,8 @@ from tasks.mmlu import MMLU
 from tasks.registry import TASKS, get_task
 from tasks.smoltalk import SmolTalk
 from tasks.spellingbee import SimpleSpelling, SpellingBee
-from tasks.standins import StandinArithmetic, StandinConversations, StandinMultipleChoice
+from tasks.standins import (StandinArithmetic, StandinConversations, StandinMultipleChoice,
+                            StandinMultipleChoiceGenerative)
 from vibechat.common import VibechatError
 from vibechat.storage import open_store
 from vibechat.tokenizer import chat_messages
@@ -312,6 +313,20 @@ def test_standin_multiple_choice_is_in_arc_format_with_consistent_answers():
         assert task.evaluate(conversation, conversation["answer"]) == 1
     # the right answer is spread over the letters
     assert set(collections.Counter(c["answer"] for c in task)) == {"A", "B", "C", "D"}
+
+
+@pytest.mark.parametrize("reply, graded", [
+    ("B", 1), (" B\n", 1), ("B.", 1), ("(B) 42", 1), ("B: because", 1),
+    ("A", 0), ("Bob", 0), ("The answer is B", 0), ("", 0), ("b", 0)])
+def test_the_generative_multiple_choice_standin_grades_the_replys_first_word(reply, graded):
+    task = StandinMultipleChoiceGenerative("test")
+    conversation = next(c for c in task if c["answer"] == "B")
+    assert task.eval_type == "generative" and task.evaluate(conversation, reply) == graded
+
+
+def test_the_generative_multiple_choice_standin_asks_the_same_questions():
+    assert [c["messages"] for c in StandinMultipleChoiceGenerative("test", size=10)] == \
+        [c["messages"] for c in StandinMultipleChoice("test", size=10)]
 
 
 def test_spellingbee_counts_with_the_calculator_tool():
