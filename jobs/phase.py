@@ -13,7 +13,7 @@ import torch.distributed as dist
 from vibechat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
                                          load_optimizer_state, prune_checkpoints, save_checkpoint)
 from vibechat.common import (VibechatError, autocast_dtype, compute_cleanup, compute_init, get_base_dir,
-                             get_dist_info, nonnegative_int, print0, print_banner)
+                             get_dist_info, nonnegative_int, positive_int, print0, print_banner)
 from vibechat.gpt import GPT
 from vibechat.layout import checkpoint_dir, join
 from vibechat.loss_eval import evaluate_bpb
@@ -54,14 +54,14 @@ def add_training_args(p: argparse.ArgumentParser, save_every: int, init_lr_frac:
     p.add_argument("--keep-last", type=nonnegative_int, default=2,
                    help="checkpoints kept, the newest ones (the last is the final step's); older ones are deleted "
                         "after each save; 0 keeps all (default 2: one to resume from and one to fall back to)")
-    p.add_argument("--log-every", type=int, default=1, help="steps between progress lines and metric records")
+    p.add_argument("--log-every", type=positive_int, default=1, help="steps between progress lines and metric records")
     add_device_args(p)
 
 
 def add_token_rows_args(p: argparse.ArgumentParser) -> None:
     """The options of the phases that train on rows packed with tokens (base, mid): the tokens of an optimizer
     step, the validation tokens, torch.compile."""
-    p.add_argument("--total-batch-size", type=int, default=524288,
+    p.add_argument("--total-batch-size", type=positive_int, default=524288,
                    help="tokens per optimizer step over all ranks; grad accumulation makes up the difference")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="validation tokens per evaluation")
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile (auto: on CUDA)")

@@ -482,6 +482,8 @@ def test_bad_flag_values_are_one_usage_error(argv, message, store_url, capsys):
                                           "give at least 1, or -1 to derive the count"),
     ("rl: {args: {num_iterations: -5}}", "phases.rl.args: argument --num-iterations: -5 is not a number of steps"),
     ("base: {args: {depth: four}}", "phases.base.args: argument --depth: invalid int value: 'four'"),
+    ("sft: {args: {log_every: 0}}", "phases.sft.args: argument --log-every: 0 must be at least 1"),
+    ("mid: {args: {total_batch_size: 0}}", "phases.mid.args: argument --total-batch-size: 0 must be at least 1"),
     ("sft: {args: {learning_rate: 0.1}}", "phases.sft.args: unrecognized arguments: --learning-rate=0.1"),
     ("data: {args: {shards: 2}}", "phases.data.args: unrecognized arguments: --shards=2"),
     ("report: {args: {gpu_hour_cost: -1}}", "phases.report.args: --gpu-hour-cost -1.0 is not a price"),
