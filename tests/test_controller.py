@@ -444,6 +444,8 @@ def typo_config(tmp_path) -> str:
     (["start", "--config", "TYPO"], "unknown key 'phases.base.argz' (did you mean 'args'?); valid keys under "
                                     "'phases.base': module, args, skip"),
     (["start", "--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["start", "--config", "FOLDER"], "is a folder: pass a YAML file"),
+    (["start", "--config", "BINARY"], "is not UTF-8 text: pass a YAML file"),
     (["start", "--store", "ftp://host/x"], "unknown scheme 'ftp'"),
     (["start", "--run-id", "Bad_Id"], "run id 'Bad_Id' is not usable"),
     (["start", "--run-id", ""], "run id '' is not usable"),
@@ -455,7 +457,9 @@ def typo_config(tmp_path) -> str:
     (["resume", "r", "--from", "pretrain"], "unknown phase 'pretrain'"),
 ])
 def test_bad_input_gets_one_clear_error(argv, message, store_url, tmp_path, existing_run, capsys):
-    argv = [typo_config(tmp_path) if a == "TYPO" else a for a in argv]
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe")
+    files = {"TYPO": typo_config(tmp_path), "FOLDER": str(tmp_path), "BINARY": str(tmp_path / "binary.yaml")}
+    argv = [files.get(a, a) for a in argv]
     if "--store" not in argv:
         argv += ["--store", store_url]
     code, _, err = run_controller_here(argv, capsys)
