@@ -348,6 +348,8 @@ def read_folder(folder: str) -> tuple[dict, GPTConfig, RustBPETokenizer]:
     from safetensors import SafetensorError
     from safetensors.torch import load
 
+    if os.path.isfile(folder):
+        raise ExportError(f"--import {folder} is a file: give the folder python -m jobs.export wrote")
     store = open_store(folder)
     contents = {}
     for name in ("config.json", "model.safetensors", "tokenizer.json"):

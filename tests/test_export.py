@@ -353,6 +353,14 @@ def test_importing_a_folder_without_weights_names_the_missing_file(tiny, tmp_pat
                              "python -m jobs.export")
 
 
+def test_importing_a_file_instead_of_a_folder_is_one_error(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    result = export_cli(str(tmp_path / "run"), "--import", str(tmp_path / "model.safetensors"), "--source", "sft")
+    assert_one_error(result, f"--import {tmp_path}/model.safetensors is a file: give the folder python -m jobs.export "
+                             "wrote")
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_importing_into_a_run_with_another_tokenizer_is_refused(tiny, tmp_path):
     base = str(tmp_path)
     save_tokenizer(base, 300)
