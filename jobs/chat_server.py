@@ -386,6 +386,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port {args.port} is not a port: use 0-65535")
+    if args.store and not args.run:  # without a run the checkpoints are read from $VIBECHAT_BASE_DIR or ~/.cache
+        parser.error("--store needs --run (or $VIBECHAT_RUN): the run in the store whose checkpoint to serve")
     return args
 
 

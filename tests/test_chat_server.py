@@ -220,6 +220,7 @@ def test_a_full_queue_is_a_503_with_retry_after(one_row_server):
     ([], "no 'sft' checkpoint in"),
     (["--port", "70000"], "--port 70000 is not a port"),
     (["--max-batch", "0"], "--max-batch: 0 must be at least 1"),
+    (["--store", "/tmp"], "--store needs --run"),
 ])
 def test_a_missing_checkpoint_or_a_bad_option_is_one_line_and_a_nonzero_exit(tmp_path, args, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
