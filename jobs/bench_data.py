@@ -55,7 +55,8 @@ def positive_ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Tokenizer training and data loader throughput on this machine.")
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_data",
+                                     description="Tokenizer training and data loader throughput on this machine.")
     parser.add_argument("--vocab-sizes", type=positive_ints, default="4096,16384",
                         help="comma-separated vocabulary sizes to train")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="B of the loader")

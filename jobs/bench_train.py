@@ -23,7 +23,8 @@ from vibechat.gpt import GPT, config_for_depth
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m jobs.bench_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--max-seq-len", type=positive_int, default=2048)
     p.add_argument("--device-batch-size", type=positive_int, default=32)
