@@ -59,28 +59,31 @@ if not serve_url:
     if chat_model.engine.use_cuda_graph:
         caption += " — the first reply waits while the decode step compiles (about a minute)"
 
-# a conversation belongs to one model: picking another starts a new one
+# a conversation belongs to one model; each model keeps its own, so no page visit or model switch loses one
 new_conversation = st.button("New conversation")
-if new_conversation or st.session_state.get("chat_of") != conversation_of:
-    st.session_state.chat_of = conversation_of
-    st.session_state.chat_messages = []  # (role, Markdown) as shown
-    st.session_state.chat_history = []  # {"role", "content"} as the chat server reads them
-    st.session_state.chat_tokens = None if serve_url else [chat_model.engine.tokenizer.get_bos_token_id()]
+conversations = st.session_state.setdefault("chat_conversations", {})
+if new_conversation or conversation_of not in conversations:
+    conversations[conversation_of] = {
+        "messages": [],  # (role, Markdown) as shown
+        "history": [],  # {"role", "content"} as the chat server reads them
+        "tokens": None if serve_url else [chat_model.engine.tokenizer.get_bos_token_id()],
+    }
+conversation = conversations[conversation_of]
 st.caption(caption)
 
-for role, text in st.session_state.chat_messages:
+for role, text in conversation["messages"]:
     st.chat_message(role).markdown(text)
 
 prompt = st.chat_input("Message the model" if is_chat else "Text for the model to continue", max_chars=MAX_CHARS)
 if prompt:
     shown_prompt = chat.verbatim(prompt)
     st.chat_message("user").markdown(shown_prompt)
-    history = [*st.session_state.chat_history, {"role": "user", "content": prompt}]
+    history = [*conversation["history"], {"role": "user", "content": prompt}]
     if serve_url:
         sent: list[str] = []
         pieces = chat.stream_from_server(serve_url, model, history, sent, temperature, top_k)
     else:
-        tokens = chat.prompt_tokens(chat_model, st.session_state.chat_tokens, prompt)
+        tokens = chat.prompt_tokens(chat_model, conversation["tokens"], prompt)
         reply: list[int] = []
         pieces = chat.stream_reply(chat_model, tokens, reply, temperature, top_k, MAX_TOKENS)
     with st.chat_message("assistant"):
@@ -92,9 +95,9 @@ if prompt:
         except VibechatError as e:  # e.g. the conversation outgrew the model's context, or the server failed
             st.error(f"{e} — this message is not part of the conversation; shorten it or start a new conversation.")
             st.stop()
-    st.session_state.chat_messages += [("user", shown_prompt), ("assistant", text)]
+    conversation["messages"] += [("user", shown_prompt), ("assistant", text)]
     if serve_url:
-        st.session_state.chat_history = [*history, {"role": "assistant", "content": "".join(sent)}]
+        conversation["history"] = [*history, {"role": "assistant", "content": "".join(sent)}]
     else:
         assistant_end = chat_model.engine.tokenizer.encode_special("<|assistant_end|>")
-        st.session_state.chat_tokens = tokens + reply + [assistant_end]
+        conversation["tokens"] = tokens + reply + [assistant_end]
