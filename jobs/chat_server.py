@@ -7,7 +7,10 @@
 Endpoints: POST /v1/chat/completions (streamed as server-sent events with "stream": true), GET /v1/models,
 GET /health (the process is up), GET /ready (model loaded and its decode steps warmed up), GET /metrics
 (Prometheus). A calculator call shows in the reply's text as the model writes it and the tool answers:
-`<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>`, then the reply goes on.
+`<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>`, then the reply goes on. Sent back as an
+assistant message, each such call renders to the special tokens the model produced. A marker outside a well-formed
+call (one unclosed because max_tokens cut the reply, an output without its call, a call inside a call) stays plain
+text, so every reply the server wrote is accepted back; in user and system messages every marker is plain text.
 Every limit is a 400 with an OpenAI-style error body ({"error": {"message", "type", "param", "code"}});
 a full queue is a 503 with Retry-After.
 """
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -43,6 +47,12 @@ DEFAULT_TEMPERATURE = 1.0  # OpenAI's default
 SUPPORTED = {"model", "messages", "temperature", "top_k", "max_tokens", "max_completion_tokens", "n", "seed",
              "stop", "stream", "stream_options", "user"}
 RETRY_AFTER_S = 1
+
+
+# a calculator call as the server writes it into a reply, no marker inside it: any other marker is plain text
+_NO_MARKER = r"((?:(?!<\|(?:python|output)_(?:start|end)\|>).)*)"
+TOOL_CALL = re.compile(rf"<\|python_start\|>{_NO_MARKER}<\|python_end\|>"
+                       rf"(?:<\|output_start\|>{_NO_MARKER}<\|output_end\|>)?", re.S)
 
 
 class ApiError(Exception):
@@ -83,6 +93,20 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
     return value
 
 
+def assistant_parts(content: str) -> list[dict]:
+    """An assistant message's text as the tokenizer's parts: each calculator call as the server writes it becomes
+    a python part (and a python_output part), so it renders to the special tokens the model produced."""
+    parts, end = [], 0
+    for call in TOOL_CALL.finditer(content):
+        parts.append({"type": "text", "text": content[end:call.start()]})
+        parts.append({"type": "python", "text": call[1]})
+        if call[2] is not None:
+            parts.append({"type": "python_output", "text": call[2]})
+        end = call.end()
+    parts.append({"type": "text", "text": content[end:]})
+    return [part for part in parts if part["text"] or part["type"] != "text"]
+
+
 def parse_request(body, tokenizer, context: int) -> Completion:
     """Check a /v1/chat/completions body against every limit; the first violation is an ApiError naming it."""
     if not isinstance(body, dict):
@@ -114,6 +138,8 @@ def parse_request(body, tokenizer, context: int) -> Completion:
                        "messages", "messages_too_long")
     if messages[-1]["role"] != "user":
         raise ApiError(400, "the last message must be the user's: the model answers it", "messages", "invalid_value")
+    messages = [{**m, "content": assistant_parts(m["content"])} if m["role"] == "assistant" else m
+                for m in messages]
     try:
         tokens = tokenizer.render_for_completion({"messages": messages + [{"role": "assistant", "content": ""}]})
     except VibechatError as e:

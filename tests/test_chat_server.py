@@ -11,7 +11,8 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from jobs.chat_server import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS
+from jobs.chat_server import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, assistant_parts, parse_request
+from vibechat.engine import Engine
 from tests.model_fixtures import CHAT_TEXTS, write_chat_checkpoint
 from tests.serve_fixtures import REPO, start_server, stop_server
 
@@ -20,11 +21,16 @@ MODEL = "default/sft/0"
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A base dir holding a trained 300-token tokenizer and an sft checkpoint of a tiny random GPT."""
+def checkpoint(tmp_path_factory):
+    """A base dir holding a trained 300-token tokenizer and an sft checkpoint of a tiny random GPT; the GPT and the
+    tokenizer."""
     base = tmp_path_factory.mktemp("run")
-    write_chat_checkpoint(base, sequence_len=CONTEXT)
-    return base
+    return base, *write_chat_checkpoint(base, sequence_len=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def base_dir(checkpoint):
+    return checkpoint[0]
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +222,61 @@ def test_a_full_queue_is_a_503_with_retry_after(one_row_server):
     assert response.json()["error"]["code"] == "overloaded"
 
 
+CALL = "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>"
+CALL_PARTS = [{"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"}]
+
+
+def test_a_calculator_call_sent_back_gets_the_prompt_ids_and_reply_of_the_engine_s_conversation(server, checkpoint):
+    _, model, tokenizer = checkpoint
+    written = [{"role": "user", "content": "two plus three"},
+               {"role": "assistant", "content": f"two plus three is {CALL} five"},
+               {"role": "user", "content": "and again?"}]
+    reply = client(server).chat.completions.create(model=MODEL, messages=written, max_tokens=8, temperature=0)
+    engine_messages = [written[0], {"role": "assistant", "content": [{"type": "text", "text": "two plus three is "},
+                                                                      *CALL_PARTS, {"type": "text", "text": " five"}]},
+                       written[2], {"role": "assistant", "content": ""}]
+    ids = tokenizer.render_for_completion({"messages": engine_messages})
+    engine_reply = Engine(model, tokenizer).generate_batch(ids, max_tokens=8, temperature=0.0)[0][0][len(ids):]
+    assert reply.usage.prompt_tokens == len(ids)
+    assert reply.choices[0].message.content == tokenizer.decode(engine_reply)
+
+
+@pytest.mark.parametrize("content, parts", [
+    ("plain", [{"type": "text", "text": "plain"}]),
+    (f"{CALL}!", [*CALL_PARTS, {"type": "text", "text": "!"}]),
+    ("<|python_start|>1<|python_end|>", [{"type": "python", "text": "1"}]),  # the calculator had no answer
+])
+def test_an_assistant_message_s_calculator_calls_become_tokenizer_parts(content, parts):
+    assert assistant_parts(content) == parts
+
+
+@pytest.mark.parametrize("content", [
+    "cut by max_tokens <|python_start|>2+",
+    "an output without its call <|output_start|>5<|output_end|>",
+    "<|python_start|>1<|python_start|>",
+])
+def test_markers_outside_a_well_formed_call_stay_plain_text(content):
+    assert assistant_parts(content) == [{"type": "text", "text": content}]
+
+
+def test_a_call_inside_an_unclosed_call_is_the_call_and_the_outer_marker_plain_text():
+    assert assistant_parts(f"<|python_start|>a{CALL}") == [{"type": "text", "text": "<|python_start|>a"}, *CALL_PARTS]
+
+
+def test_markers_in_a_user_message_are_plain_text(checkpoint):
+    tokenizer = checkpoint[2]
+    tokens = parse_request({"messages": user(CALL)}, tokenizer, CONTEXT).tokens
+    assert tokens == tokenizer.render_for_completion({"messages": user(CALL) + [{"role": "assistant", "content": ""}]})
+
+
+def serve_without_checkpoint(base, *args: str) -> subprocess.CompletedProcess:
+    """python -m jobs.chat_server over an empty base dir: it exits, with the error of the first check that fails."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
+    env["VIBECHAT_BASE_DIR"] = str(base)
+    return subprocess.run([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "no 'sft' checkpoint in"),
     (["--port", "70000"], "--port 70000 is not a port"),
@@ -223,8 +284,6 @@ def test_a_full_queue_is_a_503_with_retry_after(one_row_server):
     (["--store", "/tmp"], "--store needs --run"),
 ])
 def test_a_missing_checkpoint_or_a_bad_option_is_one_line_and_a_nonzero_exit(tmp_path, args, message):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
-    env["VIBECHAT_BASE_DIR"] = str(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=120)
+    result = serve_without_checkpoint(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
