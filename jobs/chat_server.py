@@ -17,9 +17,11 @@ a full queue is a 503 with Retry-After.
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import re
+import socket
 import threading
 import time
 import uuid
@@ -393,6 +395,29 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """The listening address, bound before the model loads: an unresolvable --host or a taken --port fails at once,
+    not after "ready"; uvicorn serves on this socket, so nothing can take the port in between."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise VibechatError(f"--host {host!r} does not resolve ({e.strerror}): give a local address or name, e.g. "
+                            "127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind(address)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise VibechatError(f"--port {port} is in use on {host}: pick another port or stop what listens "
+                                "on it") from None
+        raise VibechatError(f"cannot listen on --host {host!r} --port {port} ({e.strerror}): give an address "
+                            "of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    return sock
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jobs.chat_server",
                                      description="Serve a vibechat checkpoint over an OpenAI-compatible HTTP API.")
@@ -423,6 +448,7 @@ def main() -> None:
         os.environ["VIBECHAT_STORE"] = args.store
     if args.run:
         os.environ["VIBECHAT_RUN"] = args.run
+    sock = bind(args.host, args.port)
     _, _, _, _, device = compute_init(args.device)
     model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
     model.to(dtype=autocast_dtype(device))  # bf16 weights on GPU: decoding reads every weight once per token
@@ -430,7 +456,8 @@ def main() -> None:
     model_id = f"{args.run or 'default'}/{args.source}/{meta.get('step', args.step)}"  # run/source/step
     server = Server(batcher, tokenizer, model_id, args.max_waiting)
     server.start()
-    uvicorn.run(create_app(server), host=args.host, port=args.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=[sock])
     server.stop.set()
 
 

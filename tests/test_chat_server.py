@@ -3,6 +3,7 @@ limits, a disconnecting client, metrics."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -279,6 +280,7 @@ def serve_without_checkpoint(base, *args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     ([], "no 'sft' checkpoint in"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' does not resolve"),
     (["--port", "70000"], "--port 70000 is not a port"),
     (["--max-batch", "0"], "--max-batch: 0 must be at least 1"),
     (["--store", "/tmp"], "--store needs --run"),
@@ -287,3 +289,12 @@ def test_a_missing_checkpoint_or_a_bad_option_is_one_line_and_a_nonzero_exit(tmp
     result = serve_without_checkpoint(tmp_path, *args)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
+
+def test_a_port_in_use_is_one_line_and_a_nonzero_exit_before_loading_the_model(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_without_checkpoint(tmp_path, "--port", str(port))  # the bind is checked before the model
+    assert result.returncode == 2 and f"--port {port} is in use" in result.stderr
+    assert "ready" not in result.stdout and "Traceback" not in result.stderr
