@@ -155,6 +155,7 @@ class Driver:
         """Follow the phase's job; True when `run` changed (the job was seen, or its end recorded)."""
         self.watching = job
         status = self.backend.status(job)
+        known_here = status.state != "missing"  # this machine's backend follows the job itself
         seen = run.phases[job.phase].job_seen
         elsewhere = None
         if status.state == "missing":
@@ -178,7 +179,7 @@ class Driver:
             health.SUBMITTED.inc()
             self.known.add(job.name)
             return False
-        if elsewhere is None and job.name not in self.known:  # started by a controller before this one
+        if known_here and job.name not in self.known:  # started by a controller before this one
             health.ADOPTED.inc()
             self.known.add(job.name)
         if not seen:
