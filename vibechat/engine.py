@@ -484,10 +484,11 @@ def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torc
     """(B,) 32-bit seeds and (B,) counters -> (B, k) uniform noise in (0, 1), a hash of (seed, counter, column):
     no generator state, so a row's noise depends on its own seed and position alone, never on which other rows
     share the step, and it is computed inside the captured step. Products wrap in int64 and are masked back to
-    32 bits; the finalizer is the 'lowbias32' integer hash."""
+    32 bits; the finalizer is the 'lowbias32' integer hash. The column's multiplier stays below 2**31: inductor
+    multiplies its loop index (int32) by it."""
     mask = 0xFFFFFFFF
     columns = torch.arange(k, device=seeds.device)
-    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0xC2B2AE3D) & mask
+    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0x27D4EB2F) & mask
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & mask
     x = x ^ (x >> 15)
