@@ -114,7 +114,8 @@ if triton is not None:
         hi = tl.minimum(lo + per_split, valid)
         d = tl.arange(0, BLOCK_D)  # head sizes that are not a power of two are padded and masked
         d_ok = d < D
-        q = tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32)
+        # scaled once, and back to fp32: under torch.compile a Python float argument arrives as fp64
+        q = (tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32) * scale).to(tl.float32)
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)
         acc = tl.zeros((BLOCK_D,), tl.float32)
@@ -124,7 +125,7 @@ if triton is not None:
             kv = kv_head * T * D + t[:, None] * D + d[None, :]
             kv_ok = visible[:, None] & d_ok[None, :]
             k = tl.load(k_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
-            scores = tl.where(visible, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+            scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             p = tl.where(visible, tl.exp(scores - m_new), 0.0)
             v = tl.load(v_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
