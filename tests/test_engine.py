@@ -498,6 +498,15 @@ def test_a_full_batch_queues_sequences_until_a_row_frees():
     assert [finish for _, finish in outputs] == [["length"]] * 3
 
 
+def test_a_freed_row_goes_back_to_position_0_while_the_others_decode():
+    b = batcher(max_batch=2)
+    short, _ = submit(b, [1, 2, 3], max_tokens=2)
+    long, _ = submit(b, [4, 5], max_tokens=10)
+    drain(b)
+    assert (len(short), len(long)) == (2, 10)
+    assert b.pos[0].item() == 0  # the steps after it finished read one slot of its row, not its old prefix
+
+
 @pytest.mark.parametrize("prompt, kwargs, message", [
     ([], {}, "prompt is empty"),
     ([VOCAB + 50], {}, "not an id in the vocabulary"),

@@ -706,3 +706,19 @@ class ContinuousBatcher:
         if handed_out is not None:
             self._hand_out(handed_out)
         return busy or self.in_flight is not None or bool(self.waiting)
+
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set, sleeping while idle. A failing step (e.g. out of memory) ends every sequence
+        it held with reason "error" and the loop goes on."""
+        while not stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # noqa: BLE001 - reported to each sequence; the server stays up
+                traceback.print_exc()
+                for index, slot in enumerate(self.slots):
+                    if slot is not None:
+                        self._finish(index, "error")
+                continue
+            if not busy:
+                self.wake.wait(0.05)
+                self.wake.clear()
