@@ -32,6 +32,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vibechat.checkpoint_manager import load_model
 from vibechat.common import VibechatError, autocast_dtype, compute_init, nonnegative_int, positive_int, run_main
@@ -396,10 +397,10 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def only_metrics_on(app: FastAPI, port: int):
+def only_metrics_on(app: ASGIApp, port: int) -> ASGIApp:
     """`app` on every listener but the one on `port` (the --metrics-port), which gets GET /metrics and a 404 for
     all else: one uvicorn server on two sockets, and the API stays closed where Prometheus may connect."""
-    async def route(scope, receive, send) -> None:
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
         local = scope.get("server")  # the address the connection came in on; lifespan events have none
         if local and local[1] == port and scope["path"] != "/metrics":
             response = PlainTextResponse(f"only /metrics is served on port {port}\n", status_code=404)
