@@ -188,7 +188,7 @@ class Metrics:
         self.running = Gauge("vibechat_serve_running_requests", "sequences in the decode batch", registry=registry)
         self.waiting = Gauge("vibechat_serve_waiting_requests", "sequences queued for a row", registry=registry)
         self.occupancy = Gauge("vibechat_serve_batch_occupancy",
-                               "running sequences / rows of the last decode step's batch bucket", registry=registry)
+                               "running sequences / rows of the last decode step (every row of the batch)", registry=registry)
 
     def watch(self, batcher: ContinuousBatcher) -> None:
         self.running.set_function(batcher.num_running)
@@ -208,7 +208,7 @@ class Server:
         self.stop = threading.Event()
 
     def start(self) -> None:
-        """Warm up (compile and capture every batch bucket on CUDA) and run the batcher, on a thread: /health
+        """Warm up (compile and capture the decode step on CUDA) and run the batcher, on a thread: /health
         answers meanwhile, /ready once warm."""
         def run() -> None:
             self.batcher.warmup()
