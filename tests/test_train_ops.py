@@ -25,7 +25,7 @@ def test_rotary_norm_matches_norm_of_apply_rotary_emb_with_its_gradient(dtype, a
     dy = torch.randn(B, H, T, D, device="cuda", dtype=dtype)
     ref_x, fused_x = x.detach().requires_grad_(True), x.detach().requires_grad_(True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-        expected = norm(apply_rotary_emb(ref_x, cos, sin))  # under CUDA autocast F.rms_norm runs in fp32
+        expected = norm(apply_rotary_emb(ref_x, cos, sin))
         got = gpt.rotary_norm(fused_x, cos, sin)
     expected.backward(dy)
     got.backward(dy)
