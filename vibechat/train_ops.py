@@ -25,9 +25,11 @@ LOSS_BLOCK = 4096  # logits per loop step of a cross-entropy program (one progra
 if triton is not None:
 
     @triton.jit
-    def _rotary_rows(x_ptr, cos_ptr, sin_ptr, n_rows, H, T, s_b, s_h, s_t, HALF: tl.constexpr, ROWS: tl.constexpr):
+    def _rotary_rows(x_ptr, cos_ptr, sin_ptr, n_rows, H, T, s_b, s_h, s_t, eps, HALF: tl.constexpr,
+                     ROWS: tl.constexpr):
         """Rows pid*ROWS.. of x (B, H, T, D), h fastest: their (b, h, t), mask, the offsets of their first halves,
-        cos, sin and the rotation r1, r2 in fp32, rounded to x's dtype as the PyTorch version rounds it."""
+        cos, sin, the rotation r1, r2 in fp32 (rounded to x's dtype, as the PyTorch version rounds it) and the
+        norm's 1 / rms."""
         rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
         mask = (rows < n_rows)[:, None]
         b, h, t = rows // (H * T), rows % H, (rows // H) % T
@@ -39,23 +41,22 @@ if triton is not None:
         sin = tl.load(sin_ptr + t[:, None] * HALF + cols, mask=mask, other=0.0)
         r1 = (x1 * cos + x2 * sin).to(x_ptr.dtype.element_ty).to(tl.float32)
         r2 = (x2 * cos - x1 * sin).to(x_ptr.dtype.element_ty).to(tl.float32)
-        return b, h, t, mask, cols, offset, cos, sin, r1, r2
+        rstd = 1.0 / tl.sqrt(tl.sum(r1 * r1 + r2 * r2, axis=1) / (2 * HALF) + eps)[:, None]
+        return b, h, t, mask, cols, offset, cos, sin, r1, r2, rstd
 
     @triton.jit
     def _rotary_norm_fwd(x_ptr, y_ptr, cos_ptr, sin_ptr, n_rows, H, T, s_b, s_h, s_t, eps,
                          HALF: tl.constexpr, ROWS: tl.constexpr):
-        b, h, t, mask, cols, offset, cos, sin, r1, r2 = _rotary_rows(x_ptr, cos_ptr, sin_ptr, n_rows, H, T,
-                                                                     s_b, s_h, s_t, HALF, ROWS)
-        rstd = 1.0 / tl.sqrt(tl.sum(r1 * r1 + r2 * r2, axis=1) / (2 * HALF) + eps)[:, None]
+        b, h, t, mask, cols, offset, cos, sin, r1, r2, rstd = _rotary_rows(x_ptr, cos_ptr, sin_ptr, n_rows, H, T,
+                                                                           s_b, s_h, s_t, eps, HALF, ROWS)
         tl.store(y_ptr + offset, (r1 * rstd).to(y_ptr.dtype.element_ty), mask=mask)  # y has x's strides
         tl.store(y_ptr + offset + HALF, (r2 * rstd).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotary_norm_bwd(x_ptr, dy_ptr, dx_ptr, cos_ptr, sin_ptr, n_rows, H, T, s_b, s_h, s_t,
                          g_b, g_h, g_t, eps, HALF: tl.constexpr, ROWS: tl.constexpr):
-        b, h, t, mask, cols, offset, cos, sin, r1, r2 = _rotary_rows(x_ptr, cos_ptr, sin_ptr, n_rows, H, T,
-                                                                     s_b, s_h, s_t, HALF, ROWS)
-        rstd = 1.0 / tl.sqrt(tl.sum(r1 * r1 + r2 * r2, axis=1) / (2 * HALF) + eps)[:, None]
+        b, h, t, mask, cols, offset, cos, sin, r1, r2, rstd = _rotary_rows(x_ptr, cos_ptr, sin_ptr, n_rows, H, T,
+                                                                           s_b, s_h, s_t, eps, HALF, ROWS)
         g_offset = (b * g_b + h * g_h + t * g_t)[:, None] + cols
         dy1 = tl.load(dy_ptr + g_offset, mask=mask, other=0.0).to(tl.float32)
         dy2 = tl.load(dy_ptr + g_offset + HALF, mask=mask, other=0.0).to(tl.float32)
@@ -120,7 +121,7 @@ if triton is not None:
                                    dy.stride(2), eps, HALF=D // 2, ROWS=ROTARY_ROWS)
         return out
 
-    def _softcap_ce_launch(logits: torch.Tensor, targets: torch.Tensor, softcap: float):
+    def _softcap_ce_launch(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         N, V = logits.shape
         losses = torch.empty(N, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(losses)
