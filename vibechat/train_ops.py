@@ -121,7 +121,8 @@ if triton is not None:
                                    dy.stride(2), eps, HALF=D // 2, ROWS=ROTARY_ROWS)
         return out
 
-    def _softcap_ce_launch(logits: torch.Tensor, targets: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _softcap_ce_launch(logits: torch.Tensor, targets: torch.Tensor,
+                           softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
         N, V = logits.shape
         losses = torch.empty(N, dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(losses)
