@@ -114,7 +114,8 @@ def run_benchmark(args, model, train_model, optimizers, world_size: int, device,
 # kernel name fragments -> where the time goes; checked in order, the first match wins
 KERNEL_KINDS = [("attention", ("flash", "fmha", "cudnn", "attention")),
                 ("matmul", ("gemm", "sm90_xmma", "nvjet", "cutlass", "cublas")),
-                ("fused elementwise (triton: norms, rotary, relu^2, softcap + loss)", ("triton",))]
+                ("fused elementwise (Triton: inductor's norms and relu^2; train_ops' rotary + QK-norm, softcap + loss)",
+                 ("triton", "_rotary_norm", "_softcap_ce"))]
 
 
 def kernel_kind(name: str) -> str:

@@ -29,6 +29,8 @@ def test_kernel_kind_sorts_h100_kernel_names():
     assert kernel_kind("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128>>") == "attention"
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "matmul"
     assert kernel_kind("triton_per_fused__to_copy_mul_rsqrt_0").startswith("fused elementwise")
+    assert kernel_kind("_softcap_ce_bwd").startswith("fused elementwise")  # vibechat.train_ops' own kernels
+    assert kernel_kind("_rotary_norm_fwd").startswith("fused elementwise")
     assert kernel_kind("void at::native::vectorized_elementwise_kernel<4>") == "other"
 
 

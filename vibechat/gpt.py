@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from vibechat import train_ops
 from vibechat.common import VibechatError, get_dist_info
 
 HEAD_DIM = 128  # head size of the depth presets: model_dim = depth * 64, n_head = model_dim / 128
@@ -53,6 +54,30 @@ def apply_rotary_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=3).to(x.dtype)
 
 
+def rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """norm(apply_rotary_emb(x, cos, sin)), the QK-norm of q or k: one Triton pass on a GPU (vibechat.train_ops)."""
+    if train_ops.triton is not None and x.is_cuda:
+        return train_ops.rotary_norm(x, cos, sin)
+    return norm(apply_rotary_emb(x, cos, sin))
+
+
+def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """F.cross_entropy of SOFTCAP * tanh(logits / SOFTCAP) in fp32, targets of -1 ignored. On a GPU one Triton
+    pass over the (bf16) logits each way (vibechat.train_ops) instead of fp32 copies of them."""
+    logits, targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+    if not (train_ops.triton is not None and logits.is_cuda):
+        capped = SOFTCAP * torch.tanh(logits.float() / SOFTCAP)
+        return F.cross_entropy(capped, targets, ignore_index=-1, reduction=reduction)
+    losses = train_ops.softcap_cross_entropy(logits, targets, SOFTCAP)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / (targets != -1).sum()
+    raise ValueError(f"{reduction} is not a valid value for reduction: use 'mean', 'sum' or 'none'")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -76,7 +101,7 @@ class CausalSelfAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         cos, sin = cos_sin
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k = rotary_norm(q, cos, sin), rotary_norm(k, cos, sin)
         gqa = self.n_kv_head != self.n_head
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -216,12 +241,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache)
         x = norm(x)
-        logits = self.lm_head(x).float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        logits = self.lm_head(x)
         if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            return SOFTCAP * torch.tanh(logits.float() / SOFTCAP)
+        return softcap_cross_entropy(logits, targets, loss_reduction)
 
     @torch.inference_mode()
     def generate(self, tokens: list[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
