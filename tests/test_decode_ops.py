@@ -1,4 +1,5 @@
-"""The decode step's operations against float64 references: on the CPU the PyTorch fallbacks, on CUDA the Triton kernels."""
+"""The decode step's operations against float64 references: on the CPU the PyTorch fallbacks, on CUDA the Triton
+kernels."""
 
 import pytest
 import torch
@@ -80,7 +81,8 @@ def test_attend_writes_the_new_key_and_value_at_pos_and_sees_exactly_the_cache_u
         keys = torch.cat([before_k[row, :, :p].double(), new_k[:, None]], dim=1).repeat_interleave(group, 0)
         values = torch.cat([before_v[row, :, :p].double(), v[row, :, None].double()], dim=1).repeat_interleave(group, 0)
         expected = F.scaled_dot_product_attention(rotated_and_normed(q[row], c, s, eps)[:, None], keys, values)
-        assert relative_error(got[row].view(heads, head_dim), expected[:, 0]) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+        tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+        assert relative_error(got[row].view(heads, head_dim), expected[:, 0]) < tolerance
         torch.testing.assert_close(k_cache[row, :, p].double(), new_k, atol=2e-2, rtol=2e-2)
         assert torch.equal(v_cache[row, :, p], v[row])
         others = torch.arange(cache_len) != p

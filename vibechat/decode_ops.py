@@ -14,6 +14,7 @@ Each falls back to the plain PyTorch it replaces on a CPU, without Triton, and w
 faster tool; that version is also the tests' reference.
 """
 
+import functools
 import math
 
 import torch
@@ -24,13 +25,14 @@ from vibechat.gpt import apply_rotary_emb, norm
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # CPU-only installs: every op takes its PyTorch path
     triton = None
 
 ATTENTION_BLOCK = 64  # cache positions per attention program
 TOPK_CHUNK = 2048  # logits per program of topk's first pass
-TOPK_MAX = 256  # topk's kernels take k up to this (a pass keeps the next power of two)
-TOPK_MAX_ROWS = 8  # above this many rows torch.topk's launches are shared by enough rows to win
+TOPK_MAX = 64  # topk's kernels take k up to this: above it, and above TOPK_MAX_ROWS rows, torch.topk is faster
+TOPK_MAX_ROWS = 32
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu2: bool = False,
@@ -91,37 +93,38 @@ def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 if triton is not None:
 
-    # (rows per program, columns per load, warps) of the matrix-vector product for (N, K): swept on an H200 at
-    # the d20 shapes with the fused flags as used (docs/gpu_notes.md)
-    GEMV_CONFIGS = {}
+    @functools.cache
+    def _pdl(device: torch.device) -> bool:
+        """Whether kernels launch dependent on the one before (programmatic dependent launch, Hopper on): each
+        then starts while that one finishes and waits (gdc_wait) only before reading what it wrote."""
+        return torch.cuda.get_device_capability(device)[0] >= 9
 
-    def _gemv_config(N: int, K: int) -> tuple[int, int, int]:
-        if (N, K) in GEMV_CONFIGS:
-            return GEMV_CONFIGS[N, K]
-        return (1, 256, 4) if N <= K else (4, 256, 4)
+    def _gemv_config(N: int, K: int) -> tuple[int, int]:
+        """(rows per program, warps) for an (N, K) weight, from a sweep on an H200 at the d20 shapes
+        (docs/gpu_notes.md): one row a program, except for the lm_head's many; ~64 weights a thread."""
+        block_n = 4 if N >= 32 * K else 1
+        return block_n, max(1, min(8, block_n * triton.next_power_of_2(K) // 2048))
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, residual_ptr, y_ptr, eps, softcap, N, K: tl.constexpr,
+    def _gemv_kernel(x_ptr, w_ptr, residual_ptr, y_ptr, eps, softcap, N, K: tl.constexpr, K_PAD: tl.constexpr,
                      NORM_INPUT: tl.constexpr, RELU2: tl.constexpr, RESIDUAL: tl.constexpr,
-                     SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+        # launched dependent on the kernel before (PDL): the program's weights, which no kernel writes, are
+        # loaded while that kernel still runs; its output x only after gdc_wait
+        if PDL:
+            gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        # 2-D partial sums, reduced once at the end: the loop stays free of cross-thread shuffles; K is a
-        # constant, so the loop unrolls and every load of the program can be in flight at once
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in tl.static_range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            col_ok = cols < K
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
-                        eviction_policy="evict_first")
-            acc += w.to(tl.float32) * x[None, :]
-            if NORM_INPUT:
-                squares += x * x
-        y = tl.sum(acc, axis=1)
+        cols = tl.arange(0, K_PAD)
+        col_ok = cols < K
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        if PDL:
+            gdc_wait()
+        x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
         if NORM_INPUT:  # rmsnorm scales x by one number, so it can scale the product instead
-            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+            y = y * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
         if RELU2:
             y = tl.maximum(y, 0.0)
             y = y * y
@@ -134,11 +137,12 @@ if triton is not None:
     def _triton_gemv(x, weight, norm_input, relu2, residual, softcap):
         N, K = weight.shape
         y = torch.empty(1, N, dtype=weight.dtype if softcap is None else torch.float32, device=x.device)
-        block_n, block_k, warps = _gemv_config(N, K)
+        block_n, warps = _gemv_config(N, K)
         eps = torch.finfo(x.dtype).eps  # F.rms_norm's default, which the model's norm uses
         _gemv_kernel[(triton.cdiv(N, block_n),)](
-            x.contiguous(), weight, x if residual is None else residual, y, eps, softcap or 1.0, N, K, norm_input,
-            relu2, residual is not None, softcap is not None, block_n, block_k, num_warps=warps)
+            x.contiguous(), weight, x if residual is None else residual, y, eps, softcap or 1.0, N, K,
+            triton.next_power_of_2(K), norm_input, relu2, residual is not None, softcap is not None, block_n,
+            _pdl(x.device), num_warps=warps, launch_pdl=_pdl(x.device))
         return y
 
     @triton.jit
@@ -158,9 +162,12 @@ if triton is not None:
     def _attend_kernel(qkv_ptr, qkv_stride, cos_ptr, sin_ptr, k_ptr, v_ptr, pos_ptr, pos_stride, arrivals_ptr,
                        m_ptr, l_ptr, acc_ptr, y_ptr, scale, eps, T: tl.constexpr, H: tl.constexpr,
                        H_KV: tl.constexpr, D: tl.constexpr, HALF_PAD: tl.constexpr, D_PAD: tl.constexpr,
-                       BLOCK: tl.constexpr, BLOCKS_PAD: tl.constexpr):
+                       BLOCK: tl.constexpr, BLOCKS_PAD: tl.constexpr, PDL: tl.constexpr):
         """One (row, kv head, block of positions): its query heads' max score, softmax denominator and weighted
         values over the block; the block holding pos also writes the new key and value into the cache."""
+        if PDL:  # every program waits, so that this kernel never ends before the one it depends on
+            gdc_launch_dependents()
+            gdc_wait()
         row_kv, block = tl.program_id(0), tl.program_id(1)
         b, kv_head = row_kv // H_KV, row_kv % H_KV
         GROUP: tl.constexpr = H // H_KV
@@ -212,13 +219,13 @@ if triton is not None:
                 blocks_ok = blocks < n_blocks
                 for g in tl.static_range(GROUP):
                     head = kv_head * GROUP + g
-                    out = (b * H + head) * BLOCKS_PAD + blocks
-                    m = tl.load(m_ptr + out, mask=blocks_ok, other=float("-inf"), cache_modifier=".cg")
-                    l = tl.load(l_ptr + out, mask=blocks_ok, other=0.0, cache_modifier=".cg")
-                    acc = tl.load(acc_ptr + out[:, None] * D_PAD + d[None, :], mask=blocks_ok[:, None], other=0.0,
-                                  cache_modifier=".cg")
-                    weight = tl.exp(m - tl.max(m, axis=0))  # blocks past pos: exp(-inf) = 0
-                    y = tl.sum(weight[:, None] * acc, axis=0) / tl.sum(weight * l, axis=0)
+                    parts = (b * H + head) * BLOCKS_PAD + blocks
+                    maxima = tl.load(m_ptr + parts, mask=blocks_ok, other=float("-inf"), cache_modifier=".cg")
+                    sums = tl.load(l_ptr + parts, mask=blocks_ok, other=0.0, cache_modifier=".cg")
+                    weighted = tl.load(acc_ptr + parts[:, None] * D_PAD + d[None, :], mask=blocks_ok[:, None],
+                                       other=0.0, cache_modifier=".cg")
+                    weight = tl.exp(maxima - tl.max(maxima, axis=0))  # blocks past pos: exp(-inf) = 0
+                    y = tl.sum(weight[:, None] * weighted, axis=0) / tl.sum(weight * sums, axis=0)
                     tl.store(y_ptr + b * H * D + head * D + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
                 tl.atomic_xchg(arrivals_ptr + row_kv, 0)
 
@@ -233,7 +240,7 @@ if triton is not None:
         _attend_kernel[(B * H_kv, blocks)](
             qkv, qkv.stride(0), cos, sin, k_cache, v_cache, pos, 0 if pos.numel() == 1 else 1, arrivals, m, l, acc, y,
             1.0 / math.sqrt(D), torch.finfo(qkv.dtype).eps, T, n_head, H_kv, D, triton.next_power_of_2(D // 2),
-            triton.next_power_of_2(D), ATTENTION_BLOCK, blocks_pad)
+            triton.next_power_of_2(D), ATTENTION_BLOCK, blocks_pad, _pdl(qkv.device), launch_pdl=_pdl(qkv.device))
         return y
 
     @triton.jit
@@ -244,8 +251,11 @@ if triton is not None:
         return (bits.to(tl.int64) << 32) | (0x7FFFFFFF - ids).to(tl.int64)
 
     @triton.jit
-    def _topk_blocks_kernel(logits_ptr, keys_ptr, V, CHUNK: tl.constexpr, K_PAD: tl.constexpr):
+    def _topk_blocks_kernel(logits_ptr, keys_ptr, V, CHUNK: tl.constexpr, K_PAD: tl.constexpr, PDL: tl.constexpr):
         """The K_PAD largest of one chunk of a row, as sort keys, largest first."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row, chunk = tl.program_id(0), tl.program_id(1)
         ids = chunk * CHUNK + tl.arange(0, CHUNK)
         values = tl.load(logits_ptr + row * V + ids, mask=ids < V, other=0.0)
@@ -254,8 +264,12 @@ if triton is not None:
         tl.store(keys_ptr + out, tl.topk(keys, K_PAD))
 
     @triton.jit
-    def _topk_merge_kernel(keys_ptr, values_ptr, ids_ptr, k, N_KEYS, KEYS_PAD: tl.constexpr, K_PAD: tl.constexpr):
+    def _topk_merge_kernel(keys_ptr, values_ptr, ids_ptr, k, N_KEYS, KEYS_PAD: tl.constexpr, K_PAD: tl.constexpr,
+                           PDL: tl.constexpr):
         """The k largest of a row's chunk winners: their values and ids, largest first."""
+        if PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         row = tl.program_id(0)
         i = tl.arange(0, KEYS_PAD)
         keys = tl.load(keys_ptr + row * N_KEYS + i, mask=i < N_KEYS, other=-0x7FFFFFFFFFFFFFFF)
@@ -275,7 +289,8 @@ if triton is not None:
         values = torch.empty(B, k, dtype=torch.float32, device=logits.device)
         ids = torch.empty(B, k, dtype=torch.int64, device=logits.device)
         logits = logits.float().contiguous()
-        _topk_blocks_kernel[(B, chunks)](logits, keys, V, chunk, k_pad, num_warps=4)
+        pdl = _pdl(logits.device)
+        _topk_blocks_kernel[(B, chunks)](logits, keys, V, chunk, k_pad, pdl, num_warps=4, launch_pdl=pdl)
         _topk_merge_kernel[(B,)](keys, values, ids, k, chunks * k_pad, triton.next_power_of_2(chunks * k_pad), k_pad,
-                                  num_warps=4)
+                                 pdl, num_warps=4, launch_pdl=pdl)
         return values.to(dtype), ids

@@ -2,14 +2,15 @@
 
 The prompt is prefilled once at batch 1 (through GPT.forward) and its cache copied into every sample's row.
 Decoding then runs one token per step over a cache preallocated to the longest sequence, at a position held
-on the device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
-once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT
-the step is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode
-dtype, Triton kernels from vibechat.decode_ops on CUDA). The step samples too (Gumbel-max over the top_k
-logits, with uniform noise drawn from the request's seeded generator before each step), so a token costs three
-launches: the noise, the graph and the copy of its column to the host. The host runs one column behind: it
-reads and yields column t (the one host sync per step) while the GPU computes column t+1; when tool output
-overrides column t, the cache position steps back one and column t+1 is computed again.
+on the device, so every step has the same shapes: on CUDA the step is captured as a CUDA graph once per
+(batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT the step
+is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode dtype, Triton
+kernels from vibechat.decode_ops on CUDA); another model's forward is compiled before it is captured. The step
+samples too (Gumbel-max over the top_k logits, with uniform noise drawn from the request's seeded generator
+before each step), so a token costs three launches: the noise, the graph and the copy of its column to the
+host. The host runs one column behind: it reads and yields column t (the one host sync per step) while the GPU
+computes column t+1; when tool output overrides column t, the cache position steps back one and column t+1 is
+computed again.
 
 ContinuousBatcher serves many sequences at once (jobs.chat_server): each joins the running decode batch at a step
 boundary and leaves when done, with its own position, sampling settings and seed, through the same fused step.
@@ -236,11 +237,15 @@ class _Decoder:
             self.weights = None
             forward = partial(_forward_step, model)
         args = (forward, self.tokens, _StepCache(self.cache, self.pos), self.noise, self.temperature, top_k)
+        step = partial(_decode_and_sample, *args)
         if cuda_graph:
-            compiled = torch.compile(_decode_and_sample, dynamic=False)  # one static graph per shape and top_k
-            self.step = _cuda_graph(lambda: compiled(*args))
+            if self.weights is None:  # a forward of many small ops: compiled, one graph per shape and top_k
+                step = partial(torch.compile(_decode_and_sample, dynamic=False), *args)
+            # the fused step is captured as it is: its kernels leave little for a compiler to fuse, which would
+            # cost ~40 s of warm-up a shape
+            self.step = _cuda_graph(step)
         else:
-            self.step = lambda: _decode_and_sample(*args)
+            self.step = step
 
     def start(self, prefill: KVCache, first: torch.Tensor, temperature: float) -> None:
         if self.weights is not None:
@@ -333,7 +338,7 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        # the compiled, graph-captured decode step needs CUDA; set False to decode eagerly there too
+        # the graph-captured decode step needs CUDA; set False to decode eagerly there too
         self.use_cuda_graph = model.get_device().type == "cuda"
         self._decoders: dict[tuple, _Decoder] = {}
         special = tokenizer.encode_special
