@@ -1,4 +1,4 @@
-"""Decode speed: tokens/s of the Engine (KV cache; on CUDA the fused step replayed as a CUDA graph) against
+"""Decode speed: tokens/s of the Engine (KV cache; on CUDA a compiled step replayed as a CUDA graph) against
 GPT.generate, which recomputes the whole sequence for every token.
 
     python -m jobs.bench_decode --depth 20 --out bench_decode.json            # one GPU, bf16
@@ -8,7 +8,7 @@ Random weights in every matrix (at init the blocks are the identity, and a cache
 token), vocab 65536, a random prompt. First the checks: in fp32, where rounding cannot flip an argmax, the
 Engine's greedy tokens must equal GPT.generate's; in the timed dtype, every greedy token of the largest batch
 must be the argmax, up to rounding, of a full forward pass over the same sequence. Then each method is timed
-from the prompt to the last token, median of --runs after one untimed run (which captures);
+from the prompt to the last token, median of --runs after one untimed run (which compiles and captures);
 "step alone" is the Engine's decode step replayed back to back, so the gap to ms/token is the host's share.
 """
 

@@ -2,15 +2,14 @@
 
 The prompt is prefilled once at batch 1 (through GPT.forward) and its cache copied into every sample's row.
 Decoding then runs one token per step over a cache preallocated to the longest sequence, at a position held
-on the device, so every step has the same shapes: on CUDA the step is captured as a CUDA graph once per
-(batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT the step
-is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode dtype, Triton
-kernels from vibechat.decode_ops on CUDA); another model's forward is compiled before it is captured. The step
-samples too (Gumbel-max over the top_k logits, with uniform noise drawn from the request's seeded generator
-before each step), so a token costs three launches: the noise, the graph and the copy of its column to the
-host. The host runs one column behind: it reads and yields column t (the one host sync per step) while the GPU
-computes column t+1; when tool output overrides column t, the cache position steps back one and column t+1 is
-computed again.
+on the device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
+once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT
+the step is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode
+dtype, Triton kernels from vibechat.decode_ops on CUDA). The step samples too (Gumbel-max over the top_k
+logits, with uniform noise drawn from the request's seeded generator before each step), so a token costs three
+launches: the noise, the graph and the copy of its column to the host. The host runs one column behind: it
+reads and yields column t (the one host sync per step) while the GPU computes column t+1; when tool output
+overrides column t, the cache position steps back one and column t+1 is computed again.
 
 ContinuousBatcher serves many sequences at once (jobs.chat_server): each joins the running decode batch at a step
 boundary and leaves when done, with its own position, sampling settings and seed, through the same fused step.
@@ -27,8 +26,8 @@ import torch
 
 from vibechat.calculator import use_calculator
 from vibechat.common import VibechatError
-from vibechat.decode_ops import attend, linear, topk
-from vibechat.gpt import GPT, SOFTCAP, norm
+from vibechat.decode_ops import decode_attention, linear
+from vibechat.gpt import GPT, SOFTCAP, apply_rotary_emb, norm
 
 CACHE_BUCKET = 256  # decode caches are sized in multiples of this, so one captured graph serves many requests
 
@@ -101,19 +100,12 @@ class _StepCache:
         self.cache = cache
         self.pos = pos
         self.rows = cache.batch_size if rows is None else rows
-        # per layer, (row, kv head) counters that decode_ops.attend leaves at zero
-        self.arrivals = torch.zeros(cache.num_layers, self.rows * cache.num_heads, dtype=torch.int32,
-                                    device=pos.device)
 
     def get_pos(self) -> torch.Tensor:
         return self.pos
 
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's (rows, H, T, D) key and value buffers."""
-        return self.cache.k[layer_idx][:self.rows], self.cache.v[layer_idx][:self.rows]
-
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.layer(layer_idx)
+        keys, values = self.cache.k[layer_idx][:self.rows], self.cache.v[layer_idx][:self.rows]
         if self.pos.numel() == 1:
             keys[:, :, self.pos] = k
             values[:, :, self.pos] = v
@@ -166,21 +158,25 @@ class _DecodeWeights:
 def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache,
                 rows: int | None = None) -> torch.Tensor:
     """GPT.forward for one token per row, from the KV cache: the same arithmetic (the tests hold it to the full
-    forward's logits), with the norms, ReLU², residual adds and the logits' soft cap folded into the
-    matrix-vector products, and the rotary embedding, QK-norm and cache write into attention, which reads only
-    the written part of the cache (vibechat.decode_ops). `rows` pads every matrix product to that many rows
-    (decode_ops.linear): batch-invariant rounding."""
+    forward's logits), with the norms, ReLU² and residual adds folded into the matrix-vector products and
+    attention reading only the written part of the cache (vibechat.decode_ops). `rows` pads every matrix
+    product to that many rows (decode_ops.linear): batch-invariant rounding."""
     linear_ = partial(linear, rows=rows)
+    B, pos = tokens.size(0), cache.pos
+    H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
+    cos, sin = weights.cos[pos].view(-1, 1, 1, D // 2), weights.sin[pos].view(-1, 1, 1, D // 2)  # per row or shared
     x = norm(weights.wte[tokens[:, 0]])  # (B, C)
     for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
-        keys, values = cache.layer(layer)
-        y = attend(linear_(x, qkv, norm_input=True), weights.cos, weights.sin, keys, values, cache.pos, config.n_head,
-                   cache.arrivals[layer])
-        x = linear_(y, o, residual=x)
+        q, k, v = linear_(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
+        k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
+        keys, values = cache.insert_kv(layer, k, v.view(B, H_kv, 1, D))
+        y = decode_attention(q, keys, values, pos)
+        x = linear_(y.view(B, H * D), o, residual=x)
         x = linear_(linear_(x, fc, norm_input=True, relu2=True), proj, residual=x)
-    logits = linear_(x, weights.lm_head, norm_input=True, softcap=SOFTCAP)
+    logits = linear_(x, weights.lm_head, norm_input=True).float()
     cache.pos.add_(1)
-    return logits
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 
 def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor,
@@ -237,15 +233,11 @@ class _Decoder:
             self.weights = None
             forward = partial(_forward_step, model)
         args = (forward, self.tokens, _StepCache(self.cache, self.pos), self.noise, self.temperature, top_k)
-        step = partial(_decode_and_sample, *args)
         if cuda_graph:
-            if self.weights is None:  # a forward of many small ops: compiled, one graph per shape and top_k
-                step = partial(torch.compile(_decode_and_sample, dynamic=False), *args)
-            # the fused step is captured as it is: its kernels leave little for a compiler to fuse, which would
-            # cost ~40 s of warm-up a shape
-            self.step = _cuda_graph(step)
+            compiled = torch.compile(_decode_and_sample, dynamic=False)  # one static graph per shape and top_k
+            self.step = _cuda_graph(lambda: compiled(*args))
         else:
-            self.step = step
+            self.step = lambda: _decode_and_sample(*args)
 
     def start(self, prefill: KVCache, first: torch.Tensor, temperature: float) -> None:
         if self.weights is not None:
@@ -296,10 +288,8 @@ def gumbel_sample(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.
     uniform noise: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). No host sync, no
     data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused).
     row_top_k ((B,) long, each <= top_k) narrows each row to its own k largest; temperature may be (B, 1)."""
-    if top_k == 1:  # every row greedy
-        return logits.argmax(dim=-1, keepdim=True)
     if top_k < logits.size(-1) or row_top_k is not None:
-        values, indices = topk(logits, top_k)
+        values, indices = torch.topk(logits, top_k, dim=-1)
     else:
         values, indices = logits, None
     scores = values.float() / temperature - torch.log(-torch.log(noise))
@@ -338,7 +328,7 @@ class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        # the graph-captured decode step needs CUDA; set False to decode eagerly there too
+        # the compiled, graph-captured decode step needs CUDA; set False to decode eagerly there too
         self.use_cuda_graph = model.get_device().type == "cuda"
         self._decoders: dict[tuple, _Decoder] = {}
         special = tokenizer.encode_special
