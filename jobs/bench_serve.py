@@ -1,5 +1,5 @@
 """Serving throughput and latency: the ContinuousBatcher with N concurrent streams against the same requests
-served one at a time (nanochat's server: one request per GPU at a time).
+served one at a time by the Engine (nanochat's server: one request per GPU at a time, through its engine).
 
     python -m jobs.bench_serve --depth 20 --out bench_serve.json                  # one GPU, bf16
     python -m jobs.bench_serve --depth 2 --device cpu --clients 1 4 --prompt-tokens 16 --new-tokens 8   # a smoke run
@@ -9,10 +9,11 @@ Random weights (jobs.bench_decode's model: no stop token is ever sampled, so eve
 are the batcher's own callbacks in this process, all submitted at once: what is timed is the scheduler and
 the GPU, not HTTP. Per level: aggregate tokens/s (all tokens over the time from the submission to the last
 token), time to first token and inter-token latency (p50, p99 over the streams' tokens); then the same
-requests one after another through the same batcher (its batch-1 step), as the baseline. Last, the largest
-level once more with batch_invariant off (every matrix product at its own batch size), for its price. First the check:
-the greedy tokens of --check-streams prompts, each alone and then all at once, and every batched one
-the argmax, up to rounding, of a full forward pass over the same sequence.
+requests one after another through the Engine, the fastest single stream this project has (its compiled
+batch-1 step), as the baseline. "step alone" is the batcher's decode step replayed back to back: the gap to a
+level's inter-token latency is the host's and the prefills' share. First the check: the greedy tokens of
+--check-streams prompts, each alone and then all at once, and every batched one the argmax, up to rounding,
+of a full forward pass over the same sequence.
 """
 
 import argparse
@@ -24,8 +25,8 @@ import torch
 
 from jobs.bench_decode import (ARGMAX_TOLERANCE, NoStopTokenizer, add_model_arguments, largest_argmax_shortfall,
                                parse_model_arguments, random_model)
-from vibechat.common import VibechatError, autocast_dtype, compute_init, positive_int, run_main
-from vibechat.engine import ContinuousBatcher, Sequence
+from vibechat.common import VibechatError, autocast_dtype, compute_init, positive_int, run_main, synchronize
+from vibechat.engine import ContinuousBatcher, Engine, Sequence
 
 
 class Stream:
@@ -60,8 +61,31 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def level(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int, baseline: bool = True) -> dict:
-    """One concurrency level: all streams at once, then (if baseline) the same requests one at a time."""
+def one_at_a_time(engine: Engine, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for the Engine to serve the requests one after another, each at a stream's settings."""
+    start = time.perf_counter()
+    for seed, prompt in enumerate(prompts):
+        for _ in engine.generate(prompt, max_tokens=new_tokens, temperature=0.8, top_k=50, seed=seed):
+            pass
+    return time.perf_counter() - start
+
+
+def step_alone_ms(batcher: ContinuousBatcher, steps: int = 50) -> float:
+    """The batcher's decode step replayed back to back, ms a step (positions are put back after)."""
+    step, saved = batcher._decode_step(), (batcher.tokens.clone(), batcher.pos.clone())
+    synchronize(batcher.device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(batcher.device)
+    elapsed = time.perf_counter() - start
+    batcher.tokens.copy_(saved[0])
+    batcher.pos.copy_(saved[1])
+    return 1000 * elapsed / steps
+
+
+def level(batcher: ContinuousBatcher, engine: Engine | None, prompts: list[list[int]], new_tokens: int) -> dict:
+    """One concurrency level: all streams at once, then (with an engine) the same requests one at a time."""
     streams = [Stream(p, new_tokens, 0.8, seed) for seed, p in enumerate(prompts)]
     start = time.perf_counter()
     seconds = serve(batcher, streams)
@@ -70,21 +94,18 @@ def level(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int,
     tokens = sum(len(s.tokens) for s in streams)
     if tokens != len(prompts) * new_tokens:
         raise VibechatError(f"{tokens} tokens came back, not {len(prompts)} x {new_tokens}: a stream ended early")
-    row = {"clients": len(prompts), "batch_invariant": batcher.batch_invariant, "tokens_per_s": tokens / seconds,
+    row = {"clients": len(prompts), "tokens_per_s": tokens / seconds,
            "seconds": seconds, "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p99": percentile(ttft, 99),
            "itl_ms_p50": percentile(itl, 50), "itl_ms_p99": percentile(itl, 99)}
-    if baseline:
-        one_at_a_time = sum(serve(batcher, [Stream(p, new_tokens, 0.8, seed)]) for seed, p in enumerate(prompts))
-        row["one_at_a_time_tokens_per_s"] = tokens / one_at_a_time
+    if engine is not None:
+        row["one_at_a_time_tokens_per_s"] = tokens / one_at_a_time(engine, prompts, new_tokens)
         row["speedup"] = row["tokens_per_s"] / row["one_at_a_time_tokens_per_s"]
     return row
 
 
 def print_row(row: dict) -> None:
-    baseline = (f"{row['one_at_a_time_tokens_per_s']:>11,.0f} {row['speedup']:>5.1f}x" if "speedup" in row
-                else f"{'-':>11} {'-':>6}")
-    print(f"{row['clients']:>7} {'yes' if row['batch_invariant'] else 'no':>9} {row['tokens_per_s']:>9,.0f} "
-          f"{baseline} {row['ttft_ms_p50']:>9.1f} {row['ttft_ms_p99']:>7.1f} {row['itl_ms_p50']:>8.2f} "
+    print(f"{row['clients']:>7} {row['tokens_per_s']:>9,.0f} {row['one_at_a_time_tokens_per_s']:>11,.0f} "
+          f"{row['speedup']:>5.1f}x {row['ttft_ms_p50']:>9.1f} {row['ttft_ms_p99']:>7.1f} {row['itl_ms_p50']:>8.2f} "
           f"{row['itl_ms_p99']:>7.2f}")
 
 
@@ -125,7 +146,7 @@ def main() -> None:
     batcher = ContinuousBatcher(model, NoStopTokenizer(args.vocab_size), max_batch=max_batch)
     start = time.perf_counter()
     batcher.warmup()
-    print(f"warm-up (capture of {len(batcher.buckets)} batch buckets): {time.perf_counter() - start:.1f} s")
+    print(f"warm-up (compile and capture of the {max_batch}-row decode step): {time.perf_counter() - start:.1f} s")
 
     g = torch.Generator().manual_seed(0)
 
@@ -136,28 +157,26 @@ def main() -> None:
     print(f"check: batched greedy tokens within {check['argmax_shortfall']:.3f} of the full forward's argmax; "
           f"{check['identical']} of {check['streams']} greedy streams identical alone and batched"
           + ("" if check["first_mismatch_at"] is None else f" (first mismatch at token {check['first_mismatch_at']})"))
-    level(batcher, prompts(max(args.clients)), 8)  # untimed: the prefill shapes of every batch size once
+    engine = Engine(model, NoStopTokenizer(args.vocab_size))
+    warm = prompts(max(args.clients))
+    level(batcher, engine, warm, 8)  # untimed: the prefill shapes of every batch size, the Engine's step
+    level(batcher, engine, warm[:1], args.new_tokens)  # untimed: the Engine's step at the timed cache length
+    step_ms = step_alone_ms(batcher)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"\nd{args.depth}, {model.num_params() / 1e6:.0f}M parameters, {dtype}, {name}, torch {torch.__version__}; "
           f"{args.prompt_tokens}-token prompts, {args.new_tokens} new tokens a stream")
-    print(f"{'clients':>7} {'invariant':>9} {'tok/s':>9} {'1-at-a-time':>11} {'ratio':>6} {'TTFT p50':>9} "
+    print(f"step alone: {step_ms:.2f} ms for all {max_batch} rows")
+    print(f"{'clients':>7} {'tok/s':>9} {'1-at-a-time':>11} {'ratio':>6} {'TTFT p50':>9} "
           f"{'p99':>7} {'ITL p50':>8} {'p99':>7}  (ms)")
     rows = []
     for clients in args.clients:
-        rows.append(level(batcher, prompts(clients), args.new_tokens))
+        rows.append(level(batcher, engine, prompts(clients), args.new_tokens))
         print_row(rows[-1])
-    # the price of batch invariance: the largest level again, each shape at its own size (no baseline)
-    del batcher
-    free = ContinuousBatcher(model, NoStopTokenizer(args.vocab_size), max_batch=max_batch, batch_invariant=False)
-    free.warmup()
-    level(free, prompts(max(args.clients)), 8, baseline=False)
-    rows.append(level(free, prompts(max(args.clients)), args.new_tokens, baseline=False))
-    print_row(rows[-1])
     if args.out:
         result = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "depth": args.depth,
                   "params": model.num_params(), "vocab_size": args.vocab_size, "prompt_tokens": args.prompt_tokens,
-                  "new_tokens": args.new_tokens, "greedy_check": check, "results": rows}
+                  "new_tokens": args.new_tokens, "greedy_check": check, "step_alone_ms": step_ms, "results": rows}
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
 

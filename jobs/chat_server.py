@@ -6,7 +6,8 @@
 
 Endpoints: POST /v1/chat/completions (streamed as server-sent events with "stream": true), GET /v1/models,
 GET /health (the process is up), GET /ready (model loaded and its decode steps warmed up), GET /metrics
-(Prometheus). A calculator call shows in the reply's text as the model writes it and the tool answers:
+(Prometheus; with --metrics-port N also alone on port N, for a scraper that must not reach the API). A calculator
+call shows in the reply's text as the model writes it and the tool answers:
 `<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>`, then the reply goes on. Sent back as an
 assistant message, each such call renders to the special tokens the model produced. A marker outside a well-formed
 call (one unclosed because max_tokens cut the reply, an output without its call, a call inside a call) stays plain
@@ -29,8 +30,9 @@ from dataclasses import dataclass
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vibechat.checkpoint_manager import load_model
 from vibechat.common import VibechatError, autocast_dtype, compute_init, nonnegative_int, positive_int, run_main
@@ -188,7 +190,7 @@ class Metrics:
         self.running = Gauge("vibechat_serve_running_requests", "sequences in the decode batch", registry=registry)
         self.waiting = Gauge("vibechat_serve_waiting_requests", "sequences queued for a row", registry=registry)
         self.occupancy = Gauge("vibechat_serve_batch_occupancy",
-                               "running sequences / rows of the last decode step's batch bucket", registry=registry)
+                               "running sequences / rows of the last decode step (every row of the batch)", registry=registry)
 
     def watch(self, batcher: ContinuousBatcher) -> None:
         self.running.set_function(batcher.num_running)
@@ -208,7 +210,7 @@ class Server:
         self.stop = threading.Event()
 
     def start(self) -> None:
-        """Warm up (compile and capture every batch bucket on CUDA) and run the batcher, on a thread: /health
+        """Warm up (compile and capture the decode step on CUDA) and run the batcher, on a thread: /health
         answers meanwhile, /ready once warm."""
         def run() -> None:
             self.batcher.warmup()
@@ -395,9 +397,23 @@ def create_app(server: Server) -> FastAPI:
     return app
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening address, bound before the model loads: an unresolvable --host or a taken --port fails at once,
-    not after "ready"; uvicorn serves on this socket, so nothing can take the port in between."""
+def only_metrics_on(app: ASGIApp, port: int) -> ASGIApp:
+    """`app` on every listener but the one on `port` (the --metrics-port), which gets GET /metrics and a 404 for
+    all else: one uvicorn server on two sockets, and the API stays closed where Prometheus may connect."""
+    async def route(scope: Scope, receive: Receive, send: Send) -> None:
+        local = scope.get("server")  # the address the connection came in on; lifespan events have none
+        if local and local[1] == port and scope["path"] != "/metrics":
+            response = PlainTextResponse(f"only /metrics is served on port {port}\n", status_code=404)
+            return await response(scope, receive, send)
+        await app(scope, receive, send)
+
+    return route
+
+
+def bind(host: str, port: int, option: str = "--port") -> socket.socket:
+    """The listening address, bound before the model loads: an unresolvable --host or a taken port fails at once,
+    not after "ready"; uvicorn serves on this socket, so nothing can take the port in between. `option` names the
+    port in the error (--port or --metrics-port)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -411,9 +427,9 @@ def bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise VibechatError(f"--port {port} is in use on {host}: pick another port or stop what listens "
+            raise VibechatError(f"{option} {port} is in use on {host}: pick another port or stop what listens "
                                 "on it") from None
-        raise VibechatError(f"cannot listen on --host {host!r} --port {port} ({e.strerror}): give an address "
+        raise VibechatError(f"cannot listen on --host {host!r} {option} {port} ({e.strerror}): give an address "
                             "of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
     return sock
 
@@ -429,14 +445,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model-tag", default=None, help="model to load, e.g. d20 (default: the largest)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    parser.add_argument("--metrics-port", type=int, default=None,
+                        help="also serve GET /metrics, and nothing else, on this port of --host, so a network "
+                             "policy can open it to Prometheus without opening the API (default: none; /metrics "
+                             "is on --port either way)")
     parser.add_argument("--max-batch", type=positive_int, default=32, help="rows of the decode batch (default: 32)")
     parser.add_argument("--max-waiting", type=positive_int, default=256,
                         help="sequences queued for a row before requests get 503 (default: 256)")
     parser.add_argument("--device", default=None, choices=["cuda", "cpu", "mps"],
                         help="where to run (default: the best available)")
     args = parser.parse_args(argv)
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port {args.port} is not a port: use 0-65535")
+    for option, port in (("--port", args.port), ("--metrics-port", args.metrics_port)):
+        if port is not None and not 0 <= port <= 65535:
+            parser.error(f"{option} {port} is not a port: use 0-65535")
+    if args.metrics_port == args.port != 0:  # both bind (SO_REUSEADDR), then the second listen fails after loading
+        parser.error(f"--metrics-port {args.port} is --port too: give the metrics another port")
     if args.store and not args.run:  # without a run the checkpoints are read from $VIBECHAT_BASE_DIR or ~/.cache
         parser.error("--store needs --run (or $VIBECHAT_RUN): the run in the store whose checkpoint to serve")
     return args
@@ -448,7 +471,9 @@ def main() -> None:
         os.environ["VIBECHAT_STORE"] = args.store
     if args.run:
         os.environ["VIBECHAT_RUN"] = args.run
-    sock = bind(args.host, args.port)
+    sockets = [bind(args.host, args.port)]
+    if args.metrics_port is not None:
+        sockets.append(bind(args.host, args.metrics_port, "--metrics-port"))
     _, _, _, _, device = compute_init(args.device)
     model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step)
     model.to(dtype=autocast_dtype(device))  # bf16 weights on GPU: decoding reads every weight once per token
@@ -456,8 +481,11 @@ def main() -> None:
     model_id = f"{args.run or 'default'}/{args.source}/{meta.get('step', args.step)}"  # run/source/step
     server = Server(batcher, tokenizer, model_id, args.max_waiting)
     server.start()
-    config = uvicorn.Config(create_app(server), log_level="warning", access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    app = create_app(server)
+    if args.metrics_port is not None:
+        app = only_metrics_on(app, sockets[1].getsockname()[1])
+    config = uvicorn.Config(app, log_level="warning", access_log=False)
+    uvicorn.Server(config).run(sockets=sockets)
     server.stop.set()
 
 

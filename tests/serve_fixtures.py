@@ -11,10 +11,15 @@ import httpx2 as httpx
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def start_server(base, *args: str) -> tuple[subprocess.Popen, str]:
+def free_port() -> int:
+    """A loopback port nothing listens on now (the server binds it a moment later)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def start_server(base, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIBECHAT_")}
     env.update(VIBECHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.chat_server", "--device", "cpu", "--port", str(port), *args],

@@ -19,8 +19,8 @@ def test_bench_serve_checks_then_times_each_level_against_one_at_a_time_on_cpu(t
     result = json.loads(out.read_text())
     assert result["greedy_check"]["identical"] == 3 and result["greedy_check"]["argmax_shortfall"] < 1e-4
     rows = result["results"]
-    assert [(r["clients"], r["batch_invariant"]) for r in rows] == [(1, True), (3, True), (3, False)]
-    assert all(r["one_at_a_time_tokens_per_s"] > 0 for r in rows[:2]) and "speedup" not in rows[2]
+    assert [r["clients"] for r in rows] == [1, 3] and result["step_alone_ms"] > 0
+    assert all(r["one_at_a_time_tokens_per_s"] > 0 and r["speedup"] > 0 for r in rows)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -15,7 +15,7 @@ import pytest
 from jobs.chat_server import MAX_MESSAGE_CHARS, MAX_MESSAGES, MAX_TOTAL_CHARS, assistant_parts, parse_request
 from vibechat.engine import Engine
 from tests.model_fixtures import CHAT_TEXTS, write_chat_checkpoint
-from tests.serve_fixtures import REPO, start_server, stop_server
+from tests.serve_fixtures import REPO, free_port, start_server, stop_server
 
 CONTEXT = 1024
 MODEL = "default/sft/0"
@@ -35,8 +35,14 @@ def base_dir(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def server(base_dir):
-    proc, url = start_server(base_dir)
+def metrics_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(base_dir, metrics_port):
+    """The API's URL; /metrics alone is also on metrics_port."""
+    proc, url = start_server(base_dir, "--metrics-port", str(metrics_port))
     yield url
     stop_server(proc)
 
@@ -58,7 +64,7 @@ def ask(url: str, text: str, **kwargs):
 
 
 def metric(url: str, name: str) -> float:
-    """A sample's value from /metrics, e.g. 'vibechat_serve_requests_total{outcome="length"}' (0 if absent)."""
+    """A sample's value from url's /metrics, e.g. 'vibechat_serve_requests_total{outcome="length"}' (0 if absent)."""
     for line in httpx.get(url + "/metrics").text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[-1])
@@ -202,6 +208,22 @@ def test_metrics_count_what_was_served(server):
         assert metric(server, gauge) >= 0 and gauge in httpx.get(server + "/metrics").text
 
 
+def test_the_metrics_port_answers_prometheus_text_with_the_request_counters(server, metrics_port):
+    metrics_url = f"http://127.0.0.1:{metrics_port}"
+    before = metric(metrics_url, 'vibechat_serve_requests_total{outcome="length"}')
+    ask(server, "hello", max_tokens=3, temperature=0)  # random weights: no stop token within 3
+    response = httpx.get(metrics_url + "/metrics")
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "# TYPE vibechat_serve_requests_total counter" in response.text
+    assert metric(metrics_url, 'vibechat_serve_requests_total{outcome="length"}') - before == 1
+
+
+@pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/ready")])
+def test_the_metrics_port_serves_nothing_of_the_api(server, metrics_port, method, path):
+    response = httpx.request(method, f"http://127.0.0.1:{metrics_port}{path}", json={"messages": user("hi")})
+    assert response.status_code == 404 and "only /metrics" in response.text
+
+
 def test_a_client_that_disconnects_mid_stream_frees_its_row_for_the_next_request(one_row_server):
     before = metric(one_row_server, "vibechat_serve_generated_tokens_total")
     stream = ask(one_row_server, "hello", max_tokens=1000, temperature=0, stream=True)
@@ -282,6 +304,8 @@ def serve_without_checkpoint(base, *args: str) -> subprocess.CompletedProcess:
     ([], "no 'sft' checkpoint in"),
     (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid' does not resolve"),
     (["--port", "70000"], "--port 70000 is not a port"),
+    (["--metrics-port", "70000"], "--metrics-port 70000 is not a port"),
+    (["--port", "9000", "--metrics-port", "9000"], "--metrics-port 9000 is --port too"),
     (["--max-batch", "0"], "--max-batch: 0 must be at least 1"),
     (["--store", "/tmp"], "--store needs --run"),
 ])
@@ -297,4 +321,14 @@ def test_a_port_in_use_is_one_line_and_a_nonzero_exit_before_loading_the_model(t
         port = taken.getsockname()[1]
         result = serve_without_checkpoint(tmp_path, "--port", str(port))  # the bind is checked before the model
     assert result.returncode == 2 and f"--port {port} is in use" in result.stderr
+    assert "ready" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_a_metrics_port_in_use_is_one_line_and_a_nonzero_exit_before_loading_the_model(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = serve_without_checkpoint(tmp_path, "--port", "0", "--metrics-port", str(port))
+    assert result.returncode == 2 and f"--metrics-port {port} is in use" in result.stderr
     assert "ready" not in result.stdout and "Traceback" not in result.stderr

@@ -167,7 +167,9 @@ def test_every_page_opens_at_its_own_url(page, dashboard_url, path):
 def test_a_shared_url_reproduces_the_view(page, browser, dashboard_url):
     page.goto(f"{dashboard_url}/metrics")
     choose(page, "Run", "tiny-b")
+    expect(page).to_have_url(re.compile("run=tiny-b"))  # each choice in the URL before the next (a busy CI machine)
     choose(page, "Compare with", "tiny-demo")
+    expect(page).to_have_url(re.compile("compare=tiny-demo"))
     page.get_by_role("radio", name="sft").click()
     expect(page).to_have_url(re.compile("phase=sft"))
     shared = page.url

@@ -56,3 +56,19 @@ def test_decode_attention_sees_exactly_the_written_prefix_of_the_cache(device, b
                                               v[:, :, :pos + 1].double().repeat_interleave(group, 1))
     assert got.shape == q.shape
     assert relative_error(got, expected) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_attention_with_a_position_per_row_sees_each_rows_own_prefix(device):
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, heads, cache_len, head_dim = 64, 10, 2048, 128  # the batcher's shape at d20: one split per row or two
+    positions = torch.randint(0, cache_len, (batch,), generator=torch.Generator().manual_seed(0))
+    positions[:3] = torch.tensor([0, cache_len - 1, 64])
+    q = torch.randn(batch, heads, 1, head_dim, device=device, dtype=dtype)
+    k = torch.randn(batch, heads, cache_len, head_dim, device=device, dtype=dtype)
+    v = torch.randn(batch, heads, cache_len, head_dim, device=device, dtype=dtype)
+    got = decode_attention(q, k, v, positions.to(device))
+    for row, pos in enumerate(positions.tolist()):
+        expected = F.scaled_dot_product_attention(q[row:row + 1].double(), k[row:row + 1, :, :pos + 1].double(),
+                                                  v[row:row + 1, :, :pos + 1].double())
+        assert relative_error(got[row:row + 1], expected) < (1e-2 if dtype == torch.bfloat16 else 1e-5), row

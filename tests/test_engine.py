@@ -484,7 +484,7 @@ def test_a_cancelled_sequence_frees_its_row_at_the_next_step():
     sequence.cancelled = True
     queued, queued_finish = submit(b, [3, 4], max_tokens=3)
     b.step()
-    assert finish == ["cancelled"] and b.num_running() == 1 and len(queued) == 2
+    assert finish == ["cancelled"] and b.num_running() == 1 and len(queued) == 1  # in the freed row: prefilled
     drain(b)
     assert queued_finish == ["length"]
 
@@ -496,6 +496,15 @@ def test_a_full_batch_queues_sequences_until_a_row_frees():
     assert (b.num_running(), b.num_waiting()) == (2, 1)
     drain(b)
     assert [finish for _, finish in outputs] == [["length"]] * 3
+
+
+def test_a_freed_row_goes_back_to_position_0_while_the_others_decode():
+    b = batcher(max_batch=2)
+    short, _ = submit(b, [1, 2, 3], max_tokens=2)
+    long, _ = submit(b, [4, 5], max_tokens=10)
+    drain(b)
+    assert (len(short), len(long)) == (2, 10)
+    assert b.pos[0].item() == 0  # the steps after it finished read one slot of its row, not its old prefix
 
 
 @pytest.mark.parametrize("prompt, kwargs, message", [
@@ -536,21 +545,22 @@ def test_a_batched_calculator_call_gets_its_result_forced_in_and_fed_back_as_the
     special = tokenizer.encode_special
     b = ContinuousBatcher(random_gpt(), tokenizer)
     call = [special("<|python_start|>"), *tokenizer.encode("2+3"), special("<|python_end|>")]
-    # the three columns sampled while the tool's output is forced are dropped
-    script = iter(call + tokenizer.encode("xyz") + tokenizer.encode("k") + [special("<|assistant_end|>")])
+    forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
+    stale, after_output, end = tokenizer.encode("x")[0], tokenizer.encode("k")[0], special("<|assistant_end|>")
+    script = iter(call)
     inputs = []
 
-    def scripted_step() -> torch.Tensor:  # stands in for the decode step: records its input, writes the script
-        inputs.append(int(b.tokens[0, 0]))
-        b.tokens[0, 0] = next(script)
-        return b.tokens[:1]
+    def scripted_step() -> torch.Tensor:  # stands in for the decode step: a "model" that writes the call, then
+        inputs.append(token := int(b.tokens[0, 0]))  # answers the tool's output with "k" and "k" with the end;
+        next_token = {forced[-1]: after_output, after_output: end}.get(token)  # anything else: "x"
+        b.tokens[0, 0] = next(script, stale) if next_token is None else next_token
+        return b.tokens
 
-    b._steps[1] = scripted_step
+    b._decode = scripted_step
     emitted, finish = [], []
-    b.submit(Sequence([1, 2], 30, lambda t, m: emitted.append((t, m)), finish.append))
+    b.submit(Sequence([1, 2], 40, lambda t, m: emitted.append((t, m)), finish.append))
     drain(b)
-    forced = [special("<|output_start|>"), *tokenizer.encode("5"), special("<|output_end|>")]
-    expected = call + forced + tokenizer.encode("k") + [special("<|assistant_end|>")]
-    assert [t for t, _ in emitted[1:]] == expected and finish == ["stop"]
+    # no token sampled from a stale input ("x") is handed out: the host runs a step behind, drops those columns
+    assert [t for t, _ in emitted[1:]] == call + forced + [after_output, end] and finish == ["stop"]
     assert [m for _, m in emitted[1:]] == [1] * len(call) + [0] * len(forced) + [1, 1]
-    assert inputs[1:] == [t for t, _ in emitted[1:-1]]  # each step read the token emitted before it
+    assert [t for t in inputs if t in forced] == forced  # each forced token was fed back as the row's input

@@ -760,15 +760,30 @@ def test_the_phase_pods_reach_each_other_on_any_port_and_only_vibechat_pods_reac
     assert [r["from"] for r in s3 if {"port": 8333} in r["ports"]] == [[{"podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "vibechat"}}}]]
 
 
-def test_only_the_dashboard_reaches_the_chat_server_and_on_its_port_only():
-    pods = pod_templates()
-    serve = pods["vibechat-serve"]
+def chat_server_ingress(serve: dict) -> tuple[dict[str, int], list[dict]]:
+    """The chat server's container ports by name, and the ingress rules of the policies that select its pod (not
+    the default deny)."""
+    ports = {p["name"]: p["containerPort"] for p in serve["spec"]["containers"][0]["ports"]}
     policies = [d for d in all_core_objects() if d["kind"] == "NetworkPolicy" and d["spec"]["podSelector"]
                 and selects(d["spec"]["podSelector"], serve["metadata"]["labels"])]
-    rules = [rule for p in policies for rule in p["spec"]["ingress"]]
-    assert [rule["ports"] for rule in rules] == [[{"port": serve["spec"]["containers"][0]["ports"][0]["containerPort"]}]]
-    peers = [peer["podSelector"] for peer in rules[0]["from"]]
+    return ports, [rule for p in policies for rule in p["spec"]["ingress"]]
+
+
+def test_only_the_dashboard_reaches_the_chat_server_s_api_port():
+    pods = pod_templates()
+    ports, rules = chat_server_ingress(pods["vibechat-serve"])
+    api = [rule for rule in rules if {"port": ports["http"]} in rule["ports"]]
+    assert len(api) == 1 and api[0]["ports"] == [{"port": ports["http"]}]
+    peers = [peer["podSelector"] for peer in api[0]["from"]]
     assert [name for name, t in pods.items() if any(selects(p, t["metadata"]["labels"]) for p in peers)] == ["vibechat-dashboard"]
+
+
+def test_the_chat_server_s_metrics_port_alone_is_open_to_anywhere_and_is_the_one_prometheus_scrapes():
+    serve = pod_templates()["vibechat-serve"]
+    ports, rules = chat_server_ingress(serve)
+    assert f"--metrics-port={ports['metrics']}" in serve["spec"]["containers"][0]["args"]
+    assert int(serve["metadata"]["annotations"]["prometheus.io/port"]) == ports["metrics"] == 9400
+    assert [rule for rule in rules if "from" not in rule] == [{"ports": [{"port": ports["metrics"]}]}]
 
 
 def test_the_dashboard_chats_through_the_chat_server_service():

@@ -5,7 +5,7 @@ At batch 1 a decode step is a chain of ~8 small launches per layer and each one'
   and the residual add folded in, so each of them costs no launch of its own (cuBLAS: 5 µs for a
   1280x1280 bf16 matrix, this kernel 3.6; the norm and the add would be two more launches).
 - `decode_attention`: attention of one query per head over only the valid prefix of a preallocated cache
-  (SDPA with a mask reads every slot of it), split over the positions so that even batch 1 fills the GPU.
+  (SDPA with a mask reads every slot of it), each row's prefix split so that even batch 1 fills the GPU.
 
 Each falls back to the plain PyTorch it replaces on a CPU, without Triton, and for `linear` at more than
 one row, where cuBLAS's matrix product is already the right tool; that version is also the tests' reference.
@@ -24,7 +24,8 @@ try:
 except ImportError:  # CPU-only installs: every op takes its PyTorch path
     triton = None
 
-ATTENTION_BLOCK = 64  # cache positions per attention program
+ATTENTION_BLOCK = 64  # cache positions an attention program reads at a time
+ATTENTION_PROGRAMS = 1024  # about what fills an H100/H200 (132 SMs): the positions are split until there are this many
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu2: bool = False,
@@ -98,42 +99,57 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _attention_block_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, pos_stride, m_ptr, l_ptr, acc_ptr, scale,
+    def _attention_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, pos_stride, m_ptr, l_ptr, acc_ptr, scale,
                                 T: tl.constexpr, H: tl.constexpr, GROUP: tl.constexpr, D: tl.constexpr,
                                 BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
-        """One (row, head, block of positions): the block's max score, softmax denominator and weighted values."""
-        bh, block = tl.program_id(0), tl.program_id(1)
-        n_blocks = tl.num_programs(1)
+        """One (row, head, split of the valid positions): the split's max score, softmax denominator and weighted
+        values, by online softmax over blocks of BLOCK positions. Only the valid prefix is visited, however long
+        the cache: the splits divide the row's own length."""
+        bh, split = tl.program_id(0), tl.program_id(1)
+        n_splits = tl.num_programs(1)
         kv_head = (bh // H) * (H // GROUP) + (bh % H) // GROUP
         valid = tl.load(pos_ptr + (bh // H) * pos_stride) + 1
-        out = bh * n_blocks + block
-        t = block * BLOCK + tl.arange(0, BLOCK)
-        visible = t < valid
+        per_split = tl.cdiv(tl.cdiv(valid, BLOCK), n_splits) * BLOCK  # whole blocks, so splits never overlap
+        lo = split * per_split
+        hi = tl.minimum(lo + per_split, valid)
         d = tl.arange(0, BLOCK_D)  # head sizes that are not a power of two are padded and masked
         d_ok = d < D
-        q = tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32)
-        kv = kv_head * T * D + t[:, None] * D + d[None, :]
-        kv_ok = visible[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
-        scores = tl.where(visible, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
-        m = tl.max(scores, axis=0)
-        p = tl.where(visible, tl.exp(scores - m), 0.0)
-        v = tl.load(v_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
+        # scaled once, and back to fp32: under torch.compile a Python float argument arrives as fp64
+        q = (tl.load(q_ptr + bh * D + d, mask=d_ok, other=0.0).to(tl.float32) * scale).to(tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
+        l = tl.zeros([], tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for start in tl.range(lo, hi, BLOCK):
+            t = start + tl.arange(0, BLOCK)
+            visible = t < hi
+            kv = kv_head * T * D + t[:, None] * D + d[None, :]
+            kv_ok = visible[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
+            scores = tl.where(visible, tl.sum(k * q[None, :], axis=1), float("-inf"))
+            m_new = tl.maximum(m, tl.max(scores, axis=0))
+            p = tl.where(visible, tl.exp(scores - m_new), 0.0)
+            v = tl.load(v_ptr + kv, mask=kv_ok, other=0.0).to(tl.float32)
+            rescale = tl.exp(m - m_new)
+            l = l * rescale + tl.sum(p, axis=0)
+            acc = acc * rescale + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        out = bh * n_splits + split
         tl.store(m_ptr + out, m)
-        tl.store(l_ptr + out, tl.sum(p, axis=0))
-        tl.store(acc_ptr + out * D + d, tl.sum(p[:, None] * v, axis=0), mask=d_ok)
+        tl.store(l_ptr + out, l)
+        tl.store(acc_ptr + out * D + d, acc, mask=d_ok)
 
     def _triton_decode_attention(q, k_cache, v_cache, pos):
         B, H, _, D = q.shape
         T = k_cache.size(2)
-        n_blocks = triton.cdiv(T, ATTENTION_BLOCK)
-        m = torch.empty(B, H, n_blocks, dtype=torch.float32, device=q.device)
+        # enough programs to fill the GPU at batch 1, few splits (and so little to combine) once rows do that
+        n_splits = max(1, min(triton.cdiv(T, ATTENTION_BLOCK), triton.cdiv(ATTENTION_PROGRAMS, B * H)))
+        m = torch.empty(B, H, n_splits, dtype=torch.float32, device=q.device)
         l = torch.empty_like(m)
-        acc = torch.empty(B, H, n_blocks, D, dtype=torch.float32, device=q.device)
-        _attention_block_kernel[(B * H, n_blocks)](
+        acc = torch.empty(B, H, n_splits, D, dtype=torch.float32, device=q.device)
+        _attention_split_kernel[(B * H, n_splits)](
             q.contiguous(), k_cache, v_cache, pos, 0 if pos.numel() == 1 else 1, m, l, acc, 1.0 / math.sqrt(D), T, H,
             H // k_cache.size(1), D, triton.next_power_of_2(D), ATTENTION_BLOCK)
-        # blocks past the position hold max -inf and weigh 0; the first block always holds position 0
+        # splits past the position hold max -inf and weigh 0; the first split always holds position 0
         weight = torch.exp(m - m.amax(dim=-1, keepdim=True))
         y = (weight[..., None] * acc).sum(dim=2) / (weight * l).sum(dim=2)[..., None]
         return y[:, :, None, :].to(q.dtype)

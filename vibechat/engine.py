@@ -449,7 +449,6 @@ class Engine:
         return results, masks
 
 
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # decode batch sizes: one captured step each, the smallest that fits runs
 PREFILL_TOKENS = 16_384  # the most prompt tokens (padding included) that one prefill pass of the batcher takes
 
 
@@ -472,6 +471,7 @@ class Sequence:
 class _Slot:
     sequence: Sequence
     row: _Row
+    first_step: int  # the first decode step whose column is this sequence's: steps launched earlier fed another input
     generated: int = 0
 
 
@@ -484,10 +484,11 @@ def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torc
     """(B,) 32-bit seeds and (B,) counters -> (B, k) uniform noise in (0, 1), a hash of (seed, counter, column):
     no generator state, so a row's noise depends on its own seed and position alone, never on which other rows
     share the step, and it is computed inside the captured step. Products wrap in int64 and are masked back to
-    32 bits; the finalizer is the 'lowbias32' integer hash."""
+    32 bits; the finalizer is the 'lowbias32' integer hash. The column's multiplier stays below 2**31: inductor
+    multiplies its loop index (int32) by it."""
     mask = 0xFFFFFFFF
     columns = torch.arange(k, device=seeds.device)
-    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0xC2B2AE3D) & mask
+    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0x27D4EB2F) & mask
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & mask
     x = x ^ (x >> 15)
@@ -497,14 +498,14 @@ def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torc
 
 
 def _batched_decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, seeds: torch.Tensor,
-                               temperature: torch.Tensor, top_k: int, row_top_k: torch.Tensor,
+                               temperature: torch.Tensor, top_k: int, row_top_k: torch.Tensor, busy: torch.Tensor,
                                last_position: int) -> torch.Tensor:
     """The continuous batcher's step: every row's token at its own position, the next one sampled into `tokens`
-    with noise from (its seed, its position). Positions stop at the cache's last slot, so a free row that steps
-    along with busy ones never writes past its end."""
+    with noise from (its seed, its position). Positions stop at the cache's last slot, so a row never writes
+    past its end, and a free row goes back to position 0, so its attention reads one slot, not a stale prefix."""
     noise = counter_uniform(seeds, cache.pos, top_k)
     tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k, row_top_k))
-    cache.pos.clamp_(max=last_position)
+    cache.pos.copy_(torch.where(busy, cache.pos.clamp(max=last_position), 0))
     return tokens
 
 
@@ -515,20 +516,20 @@ class ContinuousBatcher:
     Every sequence owns a row of one KV cache of max_batch rows and the model's full context. A step first
     admits waiting sequences into free rows (those with prompts of one length prefill together through
     GPT.forward, their caches copied into the rows: up to PREFILL_TOKENS a pass), then decodes one token for
-    rows 0..b-1, b the smallest of BATCH_BUCKETS above the highest busy row, through the fused decode step
-    with a position per row. The rows' tokens, positions, seeds, temperatures and top_k live on the device and
-    the step advances them itself, so the host's work per step is one replay and one read of the new column.
-    On CUDA each bucket's step is captured as a CUDA graph; elsewhere it runs eagerly: the scheduling is the
-    same code. Sampling noise is a
-    hash of (seed, position), so a sequence's draws do not depend on the other rows. With batch_invariant (the
-    default) every matrix product runs at one shape whatever the number of rows (decode steps padded to
-    max_batch rows, prefills to a row count fixed by the prompt length), so a sequence gets the same tokens,
-    bit for bit, alone or among others; without it, bf16 products of other shapes may round differently and
-    flip a near tie.
+    every row, busy or free, through the fused decode step with a position per row: one shape whatever the
+    number of busy rows, so a sequence gets the same tokens, bit for bit, alone or among others (prefills run
+    at a row count fixed by the prompt length for the same reason), and on CUDA one compiled step captured once
+    as a CUDA graph. Decoding is bound by reading the weights, so the free rows cost little. The rows' tokens,
+    positions, seeds, temperatures and top_k live on the device and the step advances them itself.
+
+    The host runs one step behind the GPU: it launches step s+1, then reads and hands out the column of step s
+    while the GPU computes. A row whose token the host overrides (calculator output) or frees meanwhile has a
+    column s+1 computed from a stale input: it is dropped, and the row's position steps back so that step s+2
+    feeds the right token at the right place. Sampling noise is a hash of (seed, position), so the redone step
+    draws what the dropped one would have.
     """
 
-    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200,
-                 batch_invariant: bool = True):
+    def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200):
         if not isinstance(model, GPT):
             raise VibechatError("continuous batching decodes a GPT through its fused step, not a "
                                 f"{type(model).__name__}")
@@ -537,7 +538,6 @@ class ContinuousBatcher:
         self.device = device = model.get_device()
         self.max_batch = max_batch
         self.top_k = min(max_top_k, config.vocab_size)
-        self.buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(max_batch, config.n_kv_head, config.sequence_len, config.n_embd // config.n_head,
                              config.n_layer)
@@ -547,42 +547,45 @@ class ContinuousBatcher:
         self.seeds = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.temperature = torch.ones(max_batch, 1, device=device)
         self.row_top_k = torch.ones(max_batch, dtype=torch.long, device=device)
+        self.busy = torch.zeros(max_batch, dtype=torch.bool, device=device)
         self.weights = _DecodeWeights(model, dtype)
-        self._steps: dict[int, Callable[[], torch.Tensor]] = {}
+        self._decode: Callable[[], torch.Tensor] | None = None
+        # two pinned host columns, so that step s+1's copy never lands in the one the host is reading
+        pinned = device.type == "cuda"
+        self.columns = [torch.empty(max_batch, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.copied = [torch.cuda.Event() if pinned else None for _ in range(2)]
+        self.launched = 0  # decode steps launched so far
+        self.in_flight: int | None = None  # the step launched and not yet handed out
         self.slots: list[_Slot | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.last_batch = 0  # the bucket of the last step, for the server's occupancy metric
-        self.batch_invariant = batch_invariant
+        self.last_batch = 0  # rows the last step decoded, for the server's occupancy metric
 
     def _prefill_rows(self, length: int) -> int:
-        """Rows of every prefill of prompts of this length: fixed by the length alone when batch-invariant (a
-        sequence prefilled alone or with others then sees one matrix-product shape), at most PREFILL_TOKENS."""
+        """Rows of every prefill of prompts of this length: fixed by the length alone (a sequence prefilled
+        alone or with others then sees one matrix-product shape), at most PREFILL_TOKENS."""
         return max(1, min(self.max_batch, PREFILL_TOKENS // length))
 
-    def _step(self, batch: int) -> Callable[[], torch.Tensor]:
-        if batch not in self._steps:
-            rows = slice(0, batch)
-            padded = self.max_batch if self.batch_invariant else None
-            args = (partial(_fused_step, self.model.config, self.weights, rows=padded), self.tokens[rows],
-                    _StepCache(self.cache, self.pos[rows], rows=batch), self.seeds[rows], self.temperature[rows],
-                    self.top_k, self.row_top_k[rows], self.cache.seq_len - 1)
+    def _decode_step(self) -> Callable[[], torch.Tensor]:
+        """The decode step of all rows: compiled and captured on CUDA at its first use."""
+        if self._decode is None:
+            args = (partial(_fused_step, self.model.config, self.weights), self.tokens, _StepCache(self.cache, self.pos),
+                    self.seeds, self.temperature, self.top_k, self.row_top_k, self.busy, self.cache.seq_len - 1)
             if self.engine.use_cuda_graph:
-                # captured, not compiled: a compile per bucket would cost minutes of warm-up. Capturing runs
-                # the step a few times, so the rows' tokens and positions are put back after it.
+                # compiling and capturing run the step a few times: the rows' tokens and positions are put back
                 saved = self.tokens.clone(), self.pos.clone()
-                self._steps[batch] = _cuda_graph(lambda: _batched_decode_and_sample(*args))
+                compiled = torch.compile(_batched_decode_and_sample, dynamic=False)
+                self._decode = _cuda_graph(lambda: compiled(*args))
                 self.tokens.copy_(saved[0])
                 self.pos.copy_(saved[1])
             else:
-                self._steps[batch] = lambda: _batched_decode_and_sample(*args)
-        return self._steps[batch]
+                self._decode = lambda: _batched_decode_and_sample(*args)
+        return self._decode
 
     def warmup(self) -> None:
-        """Capture every bucket's step now, not on the first requests that need it."""
-        for batch in self.buckets:
-            self._step(batch)
+        """Compile and capture the decode step now, not on the first request."""
+        self._decode_step()
 
     def submit(self, sequence: Sequence) -> None:
         """Queue a sequence (from any thread); a bad one raises VibechatError here, before it is queued."""
@@ -603,6 +606,7 @@ class ContinuousBatcher:
     def _finish(self, index: int, reason: str) -> None:
         slot = self.slots[index]
         self.slots[index] = None
+        self.busy[index] = False
         slot.sequence.on_finish(reason)
 
     def _emit(self, index: int, token: int, mask: int) -> None:
@@ -620,7 +624,7 @@ class ContinuousBatcher:
     def _prefill(self, indices: list[int], sequences: list[Sequence]) -> None:
         """Prefill sequences of one prompt length in one forward pass into rows `indices`; emit their first tokens."""
         config, n = self.model.config, len(sequences[0].tokens)
-        width = self._prefill_rows(n) if self.batch_invariant else len(sequences)
+        width = self._prefill_rows(n)
         prefill = KVCache(width, config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
         ids = torch.zeros(width, n, dtype=torch.long, device=self.device)  # rows past the sequences: padding
         ids[:len(sequences)] = torch.tensor([sequence.tokens for sequence in sequences], device=self.device)
@@ -637,13 +641,45 @@ class ContinuousBatcher:
         first = gumbel_sample(logits, noise, self.temperature[rows], self.top_k, self.row_top_k[rows])
         self.tokens[rows] = first
         self.pos[rows] = n
+        self.busy[rows] = True
         for index, sequence, token in zip(indices, sequences, first.view(-1).tolist()):
-            self.slots[index] = _Slot(sequence, _Row())
+            self.slots[index] = _Slot(sequence, _Row(), first_step=self.launched)
             self._emit(index, token, 1)
+
+    def _launch(self) -> int:
+        """Start the next decode step and the copy of its column to the host, without waiting for either; the
+        step's number."""
+        self._decode_step()()
+        column, copied = self.columns[self.launched % 2], self.copied[self.launched % 2]
+        column.copy_(self.tokens.view(-1), non_blocking=True)
+        if copied is not None:
+            copied.record()
+        self.launched += 1
+        return self.launched - 1
+
+    def _hand_out(self, step: int) -> None:
+        """Give each row its token of decode step `step` (its column read here: the host's one wait per step)."""
+        if self.copied[step % 2] is not None:
+            self.copied[step % 2].synchronize()
+        column = self.columns[step % 2].tolist()
+        for i, slot in enumerate(self.slots):
+            if slot is None or step < slot.first_step:
+                continue  # a free row, or a sequence that joined after this step was launched
+            if slot.row.forced:
+                # the calculator's output replaces the sampled token; the step in flight fed the sampled one, so
+                # its column for this row is dropped and the row steps back to feed the forced token instead
+                token, mask = slot.row.forced.popleft(), 0
+                self.tokens[i] = token
+                self.pos[i] -= 1
+                slot.first_step = step + 2
+            else:
+                token, mask = column[i], 1
+            self._emit(i, token, mask)
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit what waits (as rows free up), then decode one token for every running sequence; False when idle."""
+        """Admit what waits (as rows free up), launch the next decode step and hand out the previous one's tokens;
+        False when idle."""
         for index, slot in enumerate(self.slots):
             if slot is not None and slot.sequence.cancelled:
                 self._finish(index, "cancelled")
@@ -662,22 +698,14 @@ class ContinuousBatcher:
             width = self._prefill_rows(n)
             for chunk in (group[i:i + width] for i in range(0, len(group), width)):
                 self._prefill([index for index, _ in chunk], [sequence for _, sequence in chunk])
-        busy = [i for i, slot in enumerate(self.slots) if slot is not None]
-        if not busy:
-            self.last_batch = 0
-            return bool(self.waiting)
-        batch = next(b for b in self.buckets if b > busy[-1])
-        self.last_batch = batch
-        column = self._step(batch)().view(-1).tolist()  # the host's one wait per step
-        for i in busy:
-            forced = self.slots[i].row.forced
-            if forced:  # the calculator's output replaces the sampled token, as the row's next input too
-                token, mask = forced.popleft(), 0
-                self.tokens[i] = token
-            else:
-                token, mask = column[i], 1
-            self._emit(i, token, mask)
-        return True
+        busy = any(slot is not None for slot in self.slots)
+        self.last_batch = self.max_batch if busy else 0
+        handed_out, self.in_flight = self.in_flight, None
+        if busy:  # the GPU computes the next column while the host hands out the last one
+            self.in_flight = self._launch()
+        if handed_out is not None:
+            self._hand_out(handed_out)
+        return busy or self.in_flight is not None or bool(self.waiting)
 
     def run(self, stop: threading.Event) -> None:
         """Step until `stop` is set, sleeping while idle. A failing step (e.g. out of memory) ends every sequence
