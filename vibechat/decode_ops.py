@@ -29,19 +29,14 @@ ATTENTION_PROGRAMS = 1024  # about what fills an H100/H200 (132 SMs): the positi
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, norm_input: bool = False, relu2: bool = False,
-           residual: torch.Tensor | None = None, rows: int | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None) -> torch.Tensor:
     """(B, K) x (N, K) weight -> (B, N): weight @ rmsnorm(x) if norm_input, then relu(.)² if relu2, then
-    + residual if given. With `rows` (>= B) the product runs at that many rows, x padded with zeros: one
-    matrix-product shape for every B, so each row rounds the same whatever number of rows come with it
-    (for weight-bound decoding the extra rows cost next to nothing)."""
-    if rows is None and triton is not None and x.is_cuda and x.size(0) == 1:
+    + residual if given."""
+    if triton is not None and x.is_cuda and x.size(0) == 1:
         return _triton_gemv(x, weight, norm_input, relu2, residual)
     if norm_input:
         x = norm(x)
-    if rows is not None:
-        y = F.linear(F.pad(x, (0, 0, 0, rows - x.size(0))), weight)[:x.size(0)]
-    else:
-        y = F.linear(x, weight)
+    y = F.linear(x, weight)
     if relu2:
         y = F.relu(y).square()
     return y if residual is None else residual + y

@@ -93,24 +93,22 @@ class KVCache:
 class _StepCache:
     """A KVCache as the decode step sees it: one token per row written at a position held on the device ((1,)
     shared by all rows, or (B,) one per row), and the whole buffers read back, the attention mask hiding what
-    lies past each position. With no host int in the step, one capture of it replays at every position.
-    `rows` takes the first rows of the cache only: a batch-size bucket of the continuous batcher."""
+    lies past each position. With no host int in the step, one capture of it replays at every position."""
 
-    def __init__(self, cache: KVCache, pos: torch.Tensor, rows: int | None = None):
+    def __init__(self, cache: KVCache, pos: torch.Tensor):
         self.cache = cache
         self.pos = pos
-        self.rows = cache.batch_size if rows is None else rows
 
     def get_pos(self) -> torch.Tensor:
         return self.pos
 
     def insert_kv(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keys, values = self.cache.k[layer_idx][:self.rows], self.cache.v[layer_idx][:self.rows]
+        keys, values = self.cache.k[layer_idx], self.cache.v[layer_idx]
         if self.pos.numel() == 1:
             keys[:, :, self.pos] = k
             values[:, :, self.pos] = v
         else:
-            rows = torch.arange(self.rows, device=k.device)
+            rows = torch.arange(self.cache.batch_size, device=k.device)
             keys[rows, :, self.pos] = k[:, :, 0]
             values[rows, :, self.pos] = v[:, :, 0]
         return keys, values
@@ -155,26 +153,23 @@ class _DecodeWeights:
             torch.cat(group, out=buffer)
 
 
-def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache,
-                rows: int | None = None) -> torch.Tensor:
+def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
     """GPT.forward for one token per row, from the KV cache: the same arithmetic (the tests hold it to the full
     forward's logits), with the norms, ReLU² and residual adds folded into the matrix-vector products and
-    attention reading only the written part of the cache (vibechat.decode_ops). `rows` pads every matrix
-    product to that many rows (decode_ops.linear): batch-invariant rounding."""
-    linear_ = partial(linear, rows=rows)
+    attention reading only the written part of the cache (vibechat.decode_ops)."""
     B, pos = tokens.size(0), cache.pos
     H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
     cos, sin = weights.cos[pos].view(-1, 1, 1, D // 2), weights.sin[pos].view(-1, 1, 1, D // 2)  # per row or shared
     x = norm(weights.wte[tokens[:, 0]])  # (B, C)
     for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
-        q, k, v = linear_(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
         k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
         keys, values = cache.insert_kv(layer, k, v.view(B, H_kv, 1, D))
         y = decode_attention(q, keys, values, pos)
-        x = linear_(y.view(B, H * D), o, residual=x)
-        x = linear_(linear_(x, fc, norm_input=True, relu2=True), proj, residual=x)
-    logits = linear_(x, weights.lm_head, norm_input=True).float()
+        x = linear(y.view(B, H * D), o, residual=x)
+        x = linear(linear(x, fc, norm_input=True, relu2=True), proj, residual=x)
+    logits = linear(x, weights.lm_head, norm_input=True).float()
     cache.pos.add_(1)
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
