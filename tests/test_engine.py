@@ -1,11 +1,15 @@
 """The inference engine: KV cache against full forward passes, sampling, stop tokens, calculator tool use, bad input."""
 
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
 
 from vibechat.common import VibechatError
-from functools import partial
 
 from vibechat.engine import (ContinuousBatcher, Engine, KVCache, Sequence, _decode_and_sample, _DecodeWeights,
                              _forward_step, _fused_step, _StepCache, counter_uniform, gumbel_sample,
@@ -505,6 +509,55 @@ def test_a_freed_row_goes_back_to_position_0_while_the_others_decode():
     drain(b)
     assert (len(short), len(long)) == (2, 10)
     assert b.pos[0].item() == 0  # the steps after it finished read one slot of its row, not its old prefix
+
+
+def run_until(b: ContinuousBatcher, finished: Callable[[], bool]) -> None:
+    """ContinuousBatcher.run on a thread, as the server runs it, until `finished()` (at most 60 s)."""
+    stop = threading.Event()
+    thread = threading.Thread(target=b.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not finished() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    thread.join()
+    assert finished(), "the batcher did not get there within 60 s"
+
+
+def test_a_failing_prefill_ends_every_admitted_sequence_with_error_and_the_next_one_is_served(monkeypatch):
+    b = batcher()
+    real_forward, failures = b.model.forward, iter([RuntimeError("out of memory (simulated)")])
+
+    def forward(*args, **kwargs):
+        if (error := next(failures, None)) is not None:
+            raise error
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(b.model, "forward", forward)
+    outputs = [submit(b, prompt, max_tokens=5) for prompt in ([1, 2], [3, 4, 5])]  # two lengths: two prefills
+    run_until(b, lambda: all(finish for _, finish in outputs))
+    assert [finish for _, finish in outputs] == [["error"], ["error"]] and b.num_running() == 0
+    tokens, finish = submit(b, [1, 2], max_tokens=5)
+    run_until(b, lambda: finish)
+    assert (len(tokens), finish) == (5, ["length"])
+
+
+def test_a_failing_decode_step_ends_the_running_sequences_with_error_and_the_next_one_is_served():
+    b = batcher()
+    step, failures = b._decode_step(), iter([RuntimeError("out of memory (simulated)")])
+
+    def failing_once() -> torch.Tensor:
+        if (error := next(failures, None)) is not None:
+            raise error
+        return step()
+
+    b._decode = failing_once
+    running, running_finish = submit(b, [1, 2], max_tokens=30)
+    run_until(b, lambda: running_finish)
+    assert running_finish == ["error"] and len(running) == 1  # the prefill's token, then the failed step
+    tokens, finish = submit(b, [1, 2], max_tokens=30)
+    run_until(b, lambda: finish)
+    assert (len(tokens), finish) == (30, ["length"])
 
 
 @pytest.mark.parametrize("prompt, kwargs, message", [

@@ -451,7 +451,8 @@ PREFILL_TOKENS = 16_384  # the most prompt tokens (padding included) that one pr
 class Sequence:
     """One request to the ContinuousBatcher. on_token(token, mask) gets every token as it is decided (mask 0:
     forced calculator output), the stop token included; then on_finish(reason) once: "stop" (a stop token),
-    "length" (max_tokens, or the context is full) or "cancelled". Both run on the batcher's thread."""
+    "length" (max_tokens, or the context is full), "cancelled" or "error" (a step failed: ContinuousBatcher.run). Both
+    run on the batcher's thread."""
     tokens: list[int]
     max_tokens: int
     on_token: Callable[[int, int], None]
@@ -617,8 +618,10 @@ class ContinuousBatcher:
         elif slot.generated >= min(slot.sequence.max_tokens, room):
             self._finish(index, "length")
 
-    def _prefill(self, indices: list[int], sequences: list[Sequence]) -> None:
-        """Prefill sequences of one prompt length in one forward pass into rows `indices`; emit their first tokens."""
+    def _prefill(self, indices: list[int]) -> None:
+        """Prefill the sequences admitted into rows `indices`, all of one prompt length, in one forward pass; emit
+        their first tokens."""
+        sequences = [self.slots[index].sequence for index in indices]
         config, n = self.model.config, len(sequences[0].tokens)
         width = self._prefill_rows(n)
         prefill = KVCache(width, config.n_kv_head, n, config.n_embd // config.n_head, config.n_layer)
@@ -638,8 +641,7 @@ class ContinuousBatcher:
         self.tokens[rows] = first
         self.pos[rows] = n
         self.busy[rows] = True
-        for index, sequence, token in zip(indices, sequences, first.view(-1).tolist()):
-            self.slots[index] = _Slot(sequence, _Row(), first_step=self.launched)
+        for index, token in zip(indices, first.view(-1).tolist()):
             self._emit(index, token, 1)
 
     def _launch(self) -> int:
@@ -680,7 +682,7 @@ class ContinuousBatcher:
             if slot is not None and slot.sequence.cancelled:
                 self._finish(index, "cancelled")
         free = [i for i, slot in enumerate(self.slots) if slot is None]
-        joining: dict[int, list[tuple[int, Sequence]]] = {}  # prompt length -> (row, sequence): one prefill each
+        joining: dict[int, list[int]] = {}  # prompt length -> the rows admitted with it: one prefill each
         with self.lock:
             while self.waiting and free:
                 sequence = self.waiting.popleft()
@@ -689,11 +691,14 @@ class ContinuousBatcher:
                 elif sequence.max_tokens == 0:
                     sequence.on_finish("length")
                 else:
-                    joining.setdefault(len(sequence.tokens), []).append((free.pop(0), sequence))
-        for n, group in joining.items():
+                    index = free.pop(0)
+                    # the row is the sequence's before its prefill runs, so a failing prefill ends it with "error"
+                    self.slots[index] = _Slot(sequence, _Row(), first_step=self.launched)
+                    joining.setdefault(len(sequence.tokens), []).append(index)
+        for n, rows in joining.items():
             width = self._prefill_rows(n)
-            for chunk in (group[i:i + width] for i in range(0, len(group), width)):
-                self._prefill([index for index, _ in chunk], [sequence for _, sequence in chunk])
+            for i in range(0, len(rows), width):
+                self._prefill(rows[i:i + width])
         busy = any(slot is not None for slot in self.slots)
         self.last_batch = self.max_batch if busy else 0
         handed_out, self.in_flight = self.in_flight, None
