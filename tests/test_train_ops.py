@@ -35,6 +35,13 @@ def test_rotary_norm_matches_norm_of_apply_rotary_emb_with_its_gradient(dtype, a
     assert relative_error(fused_x.grad, ref_x.grad) < tolerance
 
 
+def test_rotary_norm_refuses_a_slice_of_a_larger_tensor_whose_layout_its_result_cannot_share():
+    qk = torch.randn(2, 50, 8, 128, device="cuda")
+    cos, sin = GPT._rotary_tables(None, 50, 128, device="cuda")
+    with pytest.raises(ValueError, match="not a dense layout"):
+        gpt.rotary_norm(qk[:, :, :4].transpose(1, 2), cos, sin)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softcap_cross_entropy_matches_fp32_cross_entropy_of_capped_logits(reduction, dtype):
@@ -79,3 +86,14 @@ def test_compiled_gpt_loss_and_gradients_match_the_pytorch_path(monkeypatch):
     assert abs(loss - expected_loss) < 1e-3 * expected_loss
     for got, expected in zip(grads, expected_grads):
         assert relative_error(got, expected) < 3e-2
+
+
+def test_softcap_cross_entropy_of_transposed_logits_has_the_gradient_of_contiguous_ones():
+    logits = 30 * torch.randn(5000, 300, device="cuda")
+    targets = torch.randint(0, 5000, (300,), device="cuda")
+    grads = []
+    for x in (logits.t().contiguous(), logits.t()):  # the same (300, 5000) values, row-major then column-major
+        x = x.detach().requires_grad_(True)
+        gpt.softcap_cross_entropy(x, targets, "sum").backward()
+        grads.append(x.grad)
+    assert relative_error(grads[1], grads[0]) < 1e-6

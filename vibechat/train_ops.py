@@ -109,6 +109,9 @@ if triton is not None:
             raise ValueError(f"rotary_norm: x {tuple(x.shape)} needs its last dim contiguous and cos/sin T x D/2")
         cos, sin = cos.reshape(T, D // 2).float().contiguous(), sin.reshape(T, D // 2).float().contiguous()
         out = torch.empty_like(x)
+        if out.stride() != x.stride():  # the kernels write out at x's offsets: x must be a dense layout
+            raise ValueError(f"rotary_norm: x {tuple(x.shape)} with strides {x.stride()} is not a dense layout (a "
+                             "slice of a larger tensor?): pass x.contiguous()")
         n_rows = B * H * T
         eps = torch.finfo(torch.float32).eps  # F.rms_norm's default: that of the fp32 it computes in, for bf16 too
         grid = (triton.cdiv(n_rows, ROTARY_ROWS),)
@@ -133,8 +136,9 @@ if triton is not None:
     def _softcap_ce_backward_launch(dlosses: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                                     lse: torch.Tensor, softcap: float) -> torch.Tensor:
         N, V = logits.shape
+        logits = logits.contiguous()  # the kernel reads the logits and writes their gradient row-major
         grad = torch.empty_like(logits)
-        _softcap_ce_bwd[(N,)](logits.contiguous(), grad, targets.contiguous(), lse, dlosses.float().contiguous(),
+        _softcap_ce_bwd[(N,)](logits, grad, targets.contiguous(), lse, dlosses.float().contiguous(),
                               V, SOFTCAP=softcap, BLOCK=LOSS_BLOCK, num_warps=8)
         return grad
 
@@ -181,7 +185,7 @@ if triton is not None:
 
     @_softcap_ce_backward.register_fake
     def _(dlosses, logits, targets, lse, softcap):
-        return torch.empty_like(logits)
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
     def _softcap_ce_setup(ctx, inputs, output):
         logits, targets, softcap = inputs
