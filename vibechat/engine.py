@@ -520,10 +520,11 @@ class ContinuousBatcher:
     positions, seeds, temperatures and top_k live on the device and the step advances them itself.
 
     The host runs one step behind the GPU: it launches step s+1, then reads and hands out the column of step s
-    while the GPU computes. A row whose token the host overrides (calculator output) or frees meanwhile has a
-    column s+1 computed from a stale input: it is dropped, and the row's position steps back so that step s+2
-    feeds the right token at the right place. Sampling noise is a hash of (seed, position), so the redone step
-    draws what the dropped one would have.
+    while the GPU computes. Where the host overrides a row's token of step s (calculator output), step s+1 fed
+    the stale one: its column for that row is dropped and the row's position steps back, so that step s+2 feeds
+    the forced token at the right place; sampling noise is a hash of (seed, position), so the redone step draws
+    what the dropped one would have. A row freed meanwhile has its column s+1 dropped too (a sequence admitted
+    into it reads from the first step launched after its prefill).
     """
 
     def __init__(self, model: GPT, tokenizer, max_batch: int = 32, max_top_k: int = 200):
@@ -567,8 +568,9 @@ class ContinuousBatcher:
     def _decode_step(self) -> Callable[[], torch.Tensor]:
         """The decode step of all rows: compiled and captured on CUDA at its first use."""
         if self._decode is None:
-            args = (partial(_fused_step, self.model.config, self.weights), self.tokens, _StepCache(self.cache, self.pos),
-                    self.seeds, self.temperature, self.top_k, self.row_top_k, self.busy, self.cache.seq_len - 1)
+            forward = partial(_fused_step, self.model.config, self.weights)
+            args = (forward, self.tokens, _StepCache(self.cache, self.pos), self.seeds, self.temperature, self.top_k,
+                    self.row_top_k, self.busy, self.cache.seq_len - 1)
             if self.engine.use_cuda_graph:
                 # compiling and capturing run the step a few times: the rows' tokens and positions are put back
                 saved = self.tokens.clone(), self.pos.clone()
