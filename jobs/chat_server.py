@@ -189,13 +189,13 @@ class Metrics:
                              buckets=(.001, .0025, .005, .01, .02, .05, .1, .25, .5, 1), registry=registry)
         self.running = Gauge("vibechat_serve_running_requests", "sequences in the decode batch", registry=registry)
         self.waiting = Gauge("vibechat_serve_waiting_requests", "sequences queued for a row", registry=registry)
-        self.occupancy = Gauge("vibechat_serve_batch_occupancy",
-                               "running sequences / rows of the last decode step (every row of the batch)", registry=registry)
+        self.occupancy = Gauge("vibechat_serve_batch_occupancy", "running sequences / rows of the decode batch "
+                               "(--max-batch: every step decodes them all)", registry=registry)
 
     def watch(self, batcher: ContinuousBatcher) -> None:
         self.running.set_function(batcher.num_running)
         self.waiting.set_function(batcher.num_waiting)
-        self.occupancy.set_function(lambda: batcher.num_running() / batcher.last_batch if batcher.last_batch else 0.0)
+        self.occupancy.set_function(lambda: batcher.num_running() / batcher.max_batch)
 
 
 class Server:

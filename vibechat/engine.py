@@ -558,7 +558,6 @@ class ContinuousBatcher:
         self.waiting: deque[Sequence] = deque()
         self.lock = threading.Lock()
         self.wake = threading.Event()
-        self.last_batch = 0  # rows the last step decoded, for the server's occupancy metric
 
     def _prefill_rows(self, length: int) -> int:
         """Rows of every prefill of prompts of this length: fixed by the length alone (a sequence prefilled
@@ -702,7 +701,6 @@ class ContinuousBatcher:
             for i in range(0, len(rows), width):
                 self._prefill(rows[i:i + width])
         busy = any(slot is not None for slot in self.slots)
-        self.last_batch = self.max_batch if busy else 0
         handed_out, self.in_flight = self.in_flight, None
         if busy:  # the GPU computes the next column while the host hands out the last one
             self.in_flight = self._launch()
