@@ -10,8 +10,9 @@ are the batcher's own callbacks in this process, all submitted at once: what is 
 the GPU, not HTTP. Per level: aggregate tokens/s (all tokens over the time from the submission to the last
 token), time to first token and inter-token latency (p50, p99 over the streams' tokens); then the same
 requests one after another through the Engine, the fastest single stream this project has (its compiled
-batch-1 step), as the baseline. "step alone" is the batcher's decode step replayed back to back: the gap to a
-level's inter-token latency is the host's and the prefills' share. First the check: the greedy tokens of
+batch-1 step), as the baseline. "step alone" is the batcher's decode step replayed back to back with every row
+free (at position 0, so attention reads one slot a row): the gap to a level's inter-token latency is the host's
+and the prefills' share, and the attention over the streams' prefixes. First the check: the greedy tokens of
 --check-streams prompts, each alone and then all at once, and every batched one the argmax, up to rounding,
 of a full forward pass over the same sequence.
 """
@@ -71,7 +72,9 @@ def one_at_a_time(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
 
 
 def step_alone_ms(batcher: ContinuousBatcher, steps: int = 50) -> float:
-    """The batcher's decode step replayed back to back, ms a step (positions are put back after)."""
+    """The batcher's decode step replayed back to back, ms a step, as it stands: after the levels every row is
+    free, so from the first replay on at position 0 (one slot of attention a row). Tokens and positions are put
+    back after."""
     step, saved = batcher._decode_step(), (batcher.tokens.clone(), batcher.pos.clone())
     synchronize(batcher.device)
     start = time.perf_counter()
@@ -111,7 +114,8 @@ def print_row(row: dict) -> None:
 
 def check_greedy_alone_equals_batched(batcher: ContinuousBatcher, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy tokens of each prompt alone, then of all at once: how many streams match, and where the first
-    mismatch is (bf16 matrix products of another batch size may round differently and flip a near tie)."""
+    mismatch is (the step has one shape and a prefill's width is fixed by the prompt length, so a mismatch means
+    a row's arithmetic depends on the other rows: in bf16 a rounding difference flips a near tie)."""
     alone = []
     for prompt in prompts:
         stream = Stream(prompt, new_tokens, 0.0, 0)
