@@ -502,6 +502,17 @@ def test_a_full_batch_queues_sequences_until_a_row_frees():
     assert [finish for _, finish in outputs] == [["length"]] * 3
 
 
+def test_a_sequence_that_takes_a_row_just_freed_gets_the_tokens_it_gets_alone():
+    b = batcher(max_batch=1)
+    first, second = prompts(2)
+    alone = submit(b, second, max_tokens=5)[0]
+    drain(b)
+    submit(b, first, max_tokens=3)
+    queued, finish = submit(b, second, max_tokens=5)  # admitted while the step after first's last token is in flight
+    drain(b)
+    assert (queued, finish) == (alone, ["length"])  # that step's column, fed first's token, is not handed to it
+
+
 def test_a_freed_row_goes_back_to_position_0_while_the_others_decode():
     b = batcher(max_batch=2)
     short, _ = submit(b, [1, 2, 3], max_tokens=2)
