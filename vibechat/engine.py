@@ -545,6 +545,7 @@ class ContinuousBatcher:
         self.seeds = torch.zeros(max_batch, dtype=torch.long, device=device)
         self.temperature = torch.ones(max_batch, 1, device=device)
         self.row_top_k = torch.ones(max_batch, dtype=torch.long, device=device)
+        # the rows holding a sequence, as the step reads them: a free row steps too but goes back to position 0
         self.busy = torch.zeros(max_batch, dtype=torch.bool, device=device)
         self.weights = _DecodeWeights(model, dtype)
         self._decode: Callable[[], torch.Tensor] | None = None
