@@ -163,7 +163,7 @@ def main() -> None:
           + ("" if check["first_mismatch_at"] is None else f" (first mismatch at token {check['first_mismatch_at']})"))
     engine = Engine(model, NoStopTokenizer(args.vocab_size))
     warm = prompts(max(args.clients))
-    level(batcher, engine, warm, 8)  # untimed: the prefill shapes of every batch size, the Engine's step
+    level(batcher, engine, warm, 8)  # untimed: the Engine's batch-1 prefill and step (the batcher's ran in the check)
     level(batcher, engine, warm[:1], args.new_tokens)  # untimed: the Engine's step at the timed cache length
     step_ms = step_alone_ms(batcher)
 
