@@ -5,7 +5,7 @@ import torch
 
 from vibechat.common import VibechatError
 from tests.model_fixtures import tiny_model
-from vibechat.gpt import config_for_depth
+from vibechat.gpt import config_for_depth, softcap_cross_entropy
 
 
 def test_forward_without_targets_returns_logits_per_position():
@@ -93,3 +93,8 @@ def test_naive_generate_is_deterministic_for_a_seed():
 def test_get_device_reports_where_the_weights_are():
     assert tiny_model().get_device() == torch.device("cpu")
 
+
+
+def test_an_unknown_loss_reduction_is_one_clear_error():
+    with pytest.raises(ValueError, match="'mean', 'sum' or 'none'"):
+        softcap_cross_entropy(torch.zeros(2, 5), torch.zeros(2, dtype=torch.long), reduction="avg")

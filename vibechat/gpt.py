@@ -64,6 +64,8 @@ def rotary_norm(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """F.cross_entropy of SOFTCAP * tanh(logits / SOFTCAP) in fp32, targets of -1 ignored. On a GPU one Triton
     pass over the (bf16) logits each way (vibechat.train_ops) instead of fp32 copies of them."""
+    if reduction not in ("mean", "sum", "none"):  # refused before any work, on either path
+        raise ValueError(f"{reduction} is not a valid value for reduction: use 'mean', 'sum' or 'none'")
     logits, targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
     if not (train_ops.triton is not None and logits.is_cuda):
         capped = SOFTCAP * torch.tanh(logits.float() / SOFTCAP)
@@ -71,11 +73,7 @@ def softcap_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction
     losses = train_ops.softcap_cross_entropy(logits, targets, SOFTCAP)
     if reduction == "none":
         return losses
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.sum() / (targets != -1).sum()
-    raise ValueError(f"{reduction} is not a valid value for reduction: use 'mean', 'sum' or 'none'")
+    return losses.sum() if reduction == "sum" else losses.sum() / (targets != -1).sum()
 
 
 class CausalSelfAttention(nn.Module):
