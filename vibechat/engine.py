@@ -26,8 +26,8 @@ import torch
 
 from vibechat.calculator import use_calculator
 from vibechat.common import VibechatError
-from vibechat.decode_ops import decode_attention, linear
-from vibechat.gpt import GPT, SOFTCAP, apply_rotary_emb, norm
+from vibechat.decode_ops import attend, attention_output, linear, topk
+from vibechat.gpt import GPT, SOFTCAP, norm
 
 CACHE_BUCKET = 256  # decode caches are sized in multiples of this, so one captured graph serves many requests
 
@@ -155,23 +155,18 @@ class _DecodeWeights:
 
 def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _StepCache) -> torch.Tensor:
     """GPT.forward for one token per row, from the KV cache: the same arithmetic (the tests hold it to the full
-    forward's logits), with the norms, ReLU² and residual adds folded into the matrix-vector products and
-    attention reading only the written part of the cache (vibechat.decode_ops)."""
-    B, pos = tokens.size(0), cache.pos
-    H, H_kv, D = config.n_head, config.n_kv_head, config.n_embd // config.n_head
-    cos, sin = weights.cos[pos].view(-1, 1, 1, D // 2), weights.sin[pos].view(-1, 1, 1, D // 2)  # per row or shared
+    forward's logits), with the norms, ReLU², residual adds and the logits' soft cap folded into the
+    matrix-vector products, and the rotary embedding, QK-norm and cache write into attention, which reads only
+    the written part of the cache (vibechat.decode_ops): at batch 1, five launches a layer."""
     x = norm(weights.wte[tokens[:, 0]])  # (B, C)
     for layer, (qkv, o, fc, proj) in enumerate(weights.blocks):
-        q, k, v = linear(x, qkv, norm_input=True).split([H * D, H_kv * D, H_kv * D], dim=-1)
-        q = norm(apply_rotary_emb(q.view(B, H, 1, D), cos, sin))
-        k = norm(apply_rotary_emb(k.view(B, H_kv, 1, D), cos, sin))
-        keys, values = cache.insert_kv(layer, k, v.view(B, H_kv, 1, D))
-        y = decode_attention(q, keys, values, pos)
-        x = linear(y.view(B, H * D), o, residual=x)
+        parts = attend(linear(x, qkv, norm_input=True), weights.cos, weights.sin, cache.cache.k[layer],
+                       cache.cache.v[layer], cache.pos, config.n_head)
+        x = attention_output(parts, o, residual=x)
         x = linear(linear(x, fc, norm_input=True, relu2=True), proj, residual=x)
-    logits = linear(x, weights.lm_head, norm_input=True).float()
+    logits = linear(x, weights.lm_head, norm_input=True, softcap=SOFTCAP)
     cache.pos.add_(1)
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return logits
 
 
 def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor,
@@ -283,8 +278,10 @@ def gumbel_sample(logits: torch.Tensor, noise: torch.Tensor, temperature: torch.
     uniform noise: argmax(logits / T + Gumbel noise) is a draw from softmax(logits / T). No host sync, no
     data-dependent shape, so it runs inside a captured decode step. top_k 1 is greedy (noise is then unused).
     row_top_k ((B,) long, each <= top_k) narrows each row to its own k largest; temperature may be (B, 1)."""
+    if top_k == 1 and row_top_k is None:  # every row greedy
+        return logits.argmax(dim=-1, keepdim=True)
     if top_k < logits.size(-1) or row_top_k is not None:
-        values, indices = torch.topk(logits, top_k, dim=-1)
+        values, indices = topk(logits, top_k)
     else:
         values, indices = logits, None
     scores = values.float() / temperature - torch.log(-torch.log(noise))
