@@ -34,7 +34,7 @@ except ImportError:  # CPU-only installs: every op takes its PyTorch path
 
 ATTENTION_BLOCK = 64  # cache positions an attention program reads at a time
 ATTENTION_PROGRAMS = 1024  # about what fills an H100/H200 (132 SMs): rows' positions are split until there are this many
-ONE_ROW_SPLITS = 2  # at batch 1 each split costs the output projection one more partial to read (measured: gpu_notes)
+ONE_ROW_SPLITS = 8  # at batch 1: more splits, faster attention, but the output projection reads each (gpu_notes)
 TOPK_CHUNK = 2048  # logits per program of topk's first pass
 TOPK_MAX = 64  # topk's kernels take k up to this: above it, and above TOPK_MAX_ROWS rows, torch.topk is faster
 TOPK_MAX_ROWS = 32
@@ -229,7 +229,8 @@ if triton is not None:
         tl.store(k_ptr + cache + pos * D + D // 2 + half, k2, mask=half_ok & writes)
         tl.store(v_ptr + cache + pos * D + half, v1, mask=half_ok & writes)
         tl.store(v_ptr + cache + pos * D + D // 2 + half, v2, mask=half_ok & writes)
-        q1, q2 = q1.to(tl.float32) * scale, q2.to(tl.float32) * scale
+        # scaled once, and back to fp32: under torch.compile a Python float argument arrives as fp64
+        q1, q2 = (q1.to(tl.float32) * scale).to(tl.float32), (q2.to(tl.float32) * scale).to(tl.float32)
         m = tl.full([], float("-inf"), tl.float32)
         l = tl.zeros([], tl.float32)
         acc1 = tl.zeros((HALF_PAD,), tl.float32)
