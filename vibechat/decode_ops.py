@@ -33,7 +33,7 @@ except ImportError:  # CPU-only installs: every op takes its PyTorch path
     triton = None
 
 ATTENTION_BLOCK = 64  # cache positions an attention program reads at a time
-ATTENTION_PROGRAMS = 1024  # about what fills an H100/H200 (132 SMs): rows' positions are split until there are this many
+ATTENTION_PROGRAMS = 1024  # about what fills an H100/H200 (132 SMs): positions are split until there are this many
 ONE_ROW_SPLITS = 8  # at batch 1: more splits, faster attention, but the output projection reads each (gpu_notes)
 TOPK_CHUNK = 2048  # logits per program of topk's first pass
 TOPK_MAX = 64  # topk's kernels take k up to this: above it, and above TOPK_MAX_ROWS rows, torch.topk is faster
@@ -262,7 +262,7 @@ if triton is not None:
 
     def _attention_splits(rows: int, heads: int, cache_len: int) -> int:
         """Splits of each row's positions: enough programs to fill the GPU, few splits once the rows do that;
-        at batch 1 few, as the output projection reads every split's part."""
+        at batch 1 ONE_ROW_SPLITS, as the output projection reads every split's part."""
         blocks = triton.cdiv(cache_len, ATTENTION_BLOCK)
         if rows == 1:
             return min(blocks, ONE_ROW_SPLITS)

@@ -513,8 +513,8 @@ class ContinuousBatcher:
     number of busy rows, so a sequence gets the same tokens, bit for bit, alone or among others (prefills run
     at a row count fixed by the prompt length for the same reason), and on CUDA one compiled step captured once
     as a CUDA graph. Decoding reads every weight once whatever the rows, so free rows cost little (d20 on an
-    H200: 1.10 ms for a 64-row step, 0.75 for the Engine's one row; docs/benchmarks.md). The rows' tokens,
-    positions, seeds, temperatures and top_k live on the device and the step advances them itself.
+    H200, before the batch-1 rewrite of the step: 1.10 ms for 64 rows, 0.75 for one; docs/benchmarks.md). The
+    rows' tokens, positions, seeds, temperatures and top_k live on the device and the step advances them itself.
 
     The host runs one step behind the GPU: it launches step s+1, then reads and hands out the column of step s
     while the GPU computes. Where the host overrides a row's token of step s (calculator output), step s+1 fed
