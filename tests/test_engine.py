@@ -301,6 +301,29 @@ def test_a_request_decodes_with_the_weights_the_model_has_then():
     assert [column[0] for column in columns] == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the prefill is captured as a CUDA graph on a GPU only")
+@torch.inference_mode()
+def test_a_captured_prefill_gives_the_eager_logits_and_cache_at_every_length_and_follows_a_reload():
+    engine = Engine(random_gpt().cuda(), CharTokenizer(first_special=VOCAB))
+
+    def check(length: int) -> None:
+        tokens = torch.randint(0, VOCAB, (length,)).tolist()
+        engine.use_cuda_graph = False
+        cache, logits = engine._prefill(tokens)
+        expected = logits.clone(), [k[:, :, :length].clone() for k in cache.k + cache.v]
+        engine.use_cuda_graph = True
+        cache, logits = engine._prefill(tokens)  # padded to a multiple of 64: the same numbers up to rounding
+        assert cache.pos == length
+        torch.testing.assert_close(logits, expected[0], atol=1e-4, rtol=1e-4)
+        for got, want in zip(cache.k + cache.v, expected[1]):
+            torch.testing.assert_close(got[:, :, :length], want, atol=1e-4, rtol=1e-4)
+
+    for length in (1, 5, 64, 65, 47, 5):
+        check(length)
+    engine.model.load_state_dict(random_gpt(seed=1).cuda().state_dict(), assign=True)  # new tensors
+    check(5)
+
+
 def test_greedy_rows_of_a_batch_all_equal_gpt_generate():
     engine = gpt_engine()
     prompt = [7, 1, 8]

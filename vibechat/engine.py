@@ -1,6 +1,7 @@
 """Inference: a preallocated KV cache, and an Engine that streams samples with calculator tool use.
 
-The prompt is prefilled once at batch 1 (through GPT.forward) and its cache copied into every sample's row.
+The prompt is prefilled once at batch 1 (through GPT.forward; on CUDA captured as a graph per prompt length
+rounded up to PREFILL_BUCKET) and its cache copied into every sample's row.
 Decoding then runs one token per step over a cache preallocated to the longest sequence, at a position held
 on the device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
 once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT
@@ -30,6 +31,7 @@ from vibechat.decode_ops import attend, attention_output, linear, topk
 from vibechat.gpt import GPT, SOFTCAP, norm
 
 CACHE_BUCKET = 256  # decode caches are sized in multiples of this, so one captured graph serves many requests
+PREFILL_BUCKET = 64  # captured prefills take prompts padded to a multiple of this: one graph per 64 lengths
 
 
 class KVCache:
@@ -177,8 +179,9 @@ def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: 
     return tokens
 
 
-def _cuda_graph(fn):
-    """Record fn's kernels once; the returned function replays them and returns fn's output tensor, rewritten."""
+def _cuda_graph(fn, pool=None):
+    """Record fn's kernels once (in `pool`, a graph memory pool, if given); the returned function replays them
+    and returns fn's output tensor, rewritten."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -186,7 +189,7 @@ def _cuda_graph(fn):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
 
     def replay() -> torch.Tensor:
@@ -194,6 +197,30 @@ def _cuda_graph(fn):
         return out
 
     return replay
+
+
+class _Prefill:
+    """The batch-1 prefill of prompts of up to `length` tokens, captured as a CUDA graph: GPT.forward over a
+    chat-sized prompt is hundreds of launches that take longer than its compute (~10 ms at d20). A prompt is
+    padded on the right, which causal attention keeps out of its logits and its keys; the cache is read only
+    up to the prompt's length."""
+
+    def __init__(self, model, length: int, pool):
+        config = model.config
+        self.ids = torch.zeros(1, length, dtype=torch.long, device=model.get_device())
+        self.cache = KVCache(1, config.n_kv_head, length, config.n_embd // config.n_head, config.n_layer)
+
+        def forward() -> torch.Tensor:
+            self.cache.reset()
+            return model(self.ids, kv_cache=self.cache)
+
+        self.forward = _cuda_graph(forward, pool)
+
+    def __call__(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        self.ids[0, :len(tokens)] = torch.tensor(tokens)
+        logits = self.forward()[:, len(tokens) - 1, :]
+        self.cache.pos = len(tokens)
+        return self.cache, logits
 
 
 class _Decoder:
@@ -323,6 +350,9 @@ class Engine:
         # the compiled, graph-captured decode step needs CUDA; set False to decode eagerly there too
         self.use_cuda_graph = model.get_device().type == "cuda"
         self._decoders: dict[tuple, _Decoder] = {}
+        self._prefills: dict[tuple, _Prefill] = {}
+        self._prefill_pool = None  # one memory pool for all: a prefill's outputs are read before the next one runs
+        self._prefill_weights: list[int] = []  # the addresses the captured prefills read the model's tensors at
         special = tokenizer.encode_special
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -345,6 +375,27 @@ class Engine:
         if max_tokens is not None and max_tokens < 0:
             raise VibechatError(f"max_tokens {max_tokens} is negative: use 0 or more, or None to fill the context")
         _check_sampling(temperature, top_k)
+
+    def _prefill(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        """The prompt's batch-1 KV cache and its last position's logits (1, V): on CUDA through the captured
+        prefill of its length rounded up to PREFILL_BUCKET (captured again if the model's tensors moved, e.g.
+        after model.to()), elsewhere through GPT.forward."""
+        model, config = self.model, self.model.config
+        if not self.use_cuda_graph:
+            cache = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
+            ids = torch.tensor([tokens], dtype=torch.long, device=model.get_device())
+            return cache, model(ids, kv_cache=cache)[:, -1, :]
+        weights = [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
+        if weights != self._prefill_weights:
+            self._prefills.clear()
+            self._prefill_weights = weights
+        if self._prefill_pool is None:
+            self._prefill_pool = torch.cuda.graph_pool_handle()
+        length = min(-(-len(tokens) // PREFILL_BUCKET) * PREFILL_BUCKET, model.rotary_seq_len)
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+        if (length, autocast) not in self._prefills:
+            self._prefills[length, autocast] = _Prefill(model, length, self._prefill_pool)
+        return self._prefills[length, autocast](tokens)
 
     def _decoder(self, batch_size: int, seq_len: int, top_k: int, prefill: KVCache) -> _Decoder:
         like = prefill.k[0]
@@ -389,9 +440,8 @@ class Engine:
         rng.manual_seed(seed)
 
         config = model.config
-        prefill = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, kv_cache=prefill)[:, -1, :].expand(num_samples, -1)
+        prefill, logits = self._prefill(tokens)
+        logits = logits.expand(num_samples, -1)
         temperature, k = _sampling(temperature, top_k, config.vocab_size)
         # the last step's input is at position max_len - 2
         decoder = self._decoder(num_samples, -(-(max_len - 1) // CACHE_BUCKET) * CACHE_BUCKET, k, prefill)
