@@ -266,15 +266,15 @@ def test_sampled_frequencies_follow_the_softmax_of_the_top_k_at_the_temperature(
 
 
 @torch.inference_mode()  # as the Engine runs it
-def test_decode_and_sample_compiles_to_the_eager_draws_from_the_same_noise():
+def test_decode_and_sample_compiles_to_the_eager_draws_for_the_same_seeds():
     model = random_gpt()
     forward = fused_step(model)
     compiled = torch.compile(_decode_and_sample, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, VOCAB, (3, 10))
-    noise, temperature = torch.rand(3, 5), torch.tensor([0.7])
+    seeds, temperature = torch.tensor([1, 2, 3]), torch.tensor([0.7])
     drawn = []
     for step in (compiled, _decode_and_sample):
-        drawn.append(step(forward, ids[:, 9:].clone(), prefilled(model, ids[:, :9]), noise, temperature, 5))
+        drawn.append(step(forward, ids[:, 9:].clone(), prefilled(model, ids[:, :9]), seeds, temperature, 5))
     assert torch.equal(drawn[0], drawn[1])
 
 
@@ -491,6 +491,8 @@ def test_a_seeded_sampled_sequence_repeats_alone_or_batched_and_other_seeds_diff
     batch = [submit(b, prompt, temperature=1.0, top_k=20, seed=seed)[0] for seed in (7, 8, 9)]
     drain(b)
     assert batch[0] == alone and batch[1] != alone and batch[2] != batch[1]
+    engine = Engine(b.model, b.engine.tokenizer)  # the same noise, from the same seed and positions
+    assert engine.generate_batch(prompt, max_tokens=20, temperature=1.0, top_k=20, seed=7)[0][0][len(prompt):] == alone
 
 
 def test_a_sequence_ends_at_max_tokens_or_when_the_context_is_full():
