@@ -40,11 +40,11 @@ class CharTokenizer:
         return self.encode_special("<|bos|>")
 
 
-def random_gpt(seed: int = 0) -> GPT:
+def random_gpt(seed: int = 0, sequence_len: int = 48) -> GPT:
     """A tiny GPT (with grouped-query attention) whose every weight is random: at init the blocks are the
     identity, which would make the model a bigram table that no cache bug could change."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=48, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     model.init_weights()
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -304,7 +304,7 @@ def test_a_request_decodes_with_the_weights_the_model_has_then():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the prefill is captured as a CUDA graph on a GPU only")
 @torch.inference_mode()
 def test_a_captured_prefill_gives_the_eager_logits_and_cache_at_every_length_and_follows_a_reload():
-    engine = Engine(random_gpt().cuda(), CharTokenizer(first_special=VOCAB))
+    engine = Engine(random_gpt(sequence_len=160).cuda(), CharTokenizer(first_special=VOCAB))
 
     def check(length: int) -> None:
         tokens = torch.randint(0, VOCAB, (length,)).tolist()
@@ -318,10 +318,10 @@ def test_a_captured_prefill_gives_the_eager_logits_and_cache_at_every_length_and
         for got, want in zip(cache.k + cache.v, expected[1]):
             torch.testing.assert_close(got[:, :, :length], want, atol=1e-4, rtol=1e-4)
 
-    for length in (1, 5, 64, 65, 47, 5):
+    for length in (1, 5, 64, 65, 160, 47, 5):  # padded to 64, 128 and 192
         check(length)
-    engine.model.load_state_dict(random_gpt(seed=1).cuda().state_dict(), assign=True)  # new tensors
-    check(5)
+    engine.model.load_state_dict(random_gpt(seed=1, sequence_len=160).cuda().state_dict(), assign=True)
+    check(5)  # captured again: the model's tensors are new
 
 
 def test_greedy_rows_of_a_batch_all_equal_gpt_generate():

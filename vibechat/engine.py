@@ -223,25 +223,35 @@ def _cuda_graph(fn, pool=None):
 
 
 class _Prefill:
-    """The batch-1 prefill of prompts of up to `length` tokens, captured as a CUDA graph: GPT.forward over a
-    chat-sized prompt is hundreds of launches that take longer than its compute (~10 ms at d20). A prompt is
-    padded on the right, which causal attention keeps out of its logits and its keys; the cache is read only
-    up to the prompt's length."""
+    """Batch-1 prefills captured as CUDA graphs, one per prompt length rounded up to PREFILL_BUCKET: GPT.forward
+    over a chat-sized prompt is hundreds of launches that take longer than its compute (d20, 128 tokens on an
+    H200: 15 ms eager, 2 ms replayed). A prompt is padded on the right, which causal attention keeps out of its
+    logits and keys. All graphs write one KV cache of the longest prompt, read only up to the prompt's length,
+    and share one memory pool: a prefill's outputs are read before the next one runs."""
 
-    def __init__(self, model, length: int, pool):
+    def __init__(self, model):
         config = model.config
-        self.ids = torch.zeros(1, length, dtype=torch.long, device=model.get_device())
-        self.cache = KVCache(1, config.n_kv_head, length, config.n_embd // config.n_head, config.n_layer)
-
-        def forward() -> torch.Tensor:
-            self.cache.reset()
-            return model(self.ids, kv_cache=self.cache)
-
-        self.forward = _cuda_graph(forward, pool)
+        self.model = model
+        self.longest = min(-(-config.sequence_len // PREFILL_BUCKET) * PREFILL_BUCKET, model.rotary_seq_len)
+        self.ids = torch.zeros(1, self.longest, dtype=torch.long, device=model.get_device())
+        self.last = torch.zeros(1, dtype=torch.long, device=model.get_device())  # the prompt's last position
+        self.cache = KVCache(1, config.n_kv_head, self.longest, config.n_embd // config.n_head, config.n_layer)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
 
     def __call__(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        length = min(-(-len(tokens) // PREFILL_BUCKET) * PREFILL_BUCKET, self.longest)
+        if length not in self.graphs:
+            ids = self.ids[:, :length]
+
+            def forward() -> torch.Tensor:
+                self.cache.reset()
+                return self.model(ids, kv_cache=self.cache).index_select(1, self.last)[:, 0]
+
+            self.graphs[length] = _cuda_graph(forward, self.pool)
         self.ids[0, :len(tokens)] = torch.tensor(tokens)
-        logits = self.forward()[:, len(tokens) - 1, :]
+        self.last.fill_(len(tokens) - 1)
+        logits = self.graphs[length]()
         self.cache.pos = len(tokens)
         return self.cache, logits
 
@@ -372,8 +382,7 @@ class Engine:
         # the compiled, graph-captured decode step needs CUDA; set False to decode eagerly there too
         self.use_cuda_graph = model.get_device().type == "cuda"
         self._decoders: dict[tuple, _Decoder] = {}
-        self._prefills: dict[tuple, _Prefill] = {}
-        self._prefill_pool = None  # one memory pool for all: a prefill's outputs are read before the next one runs
+        self._prefills: dict[torch.dtype | bool, _Prefill] = {}  # by autocast dtype (False: off)
         self._prefill_weights: list[int] = []  # the addresses the captured prefills read the model's tensors at
         special = tokenizer.encode_special
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
@@ -400,8 +409,8 @@ class Engine:
 
     def _prefill(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
         """The prompt's batch-1 KV cache and its last position's logits (1, V): on CUDA through the captured
-        prefill of its length rounded up to PREFILL_BUCKET (captured again if the model's tensors moved, e.g.
-        after model.to()), elsewhere through GPT.forward."""
+        prefills (captured again if the model's tensors moved, e.g. after model.to()), elsewhere through
+        GPT.forward."""
         model, config = self.model, self.model.config
         if not self.use_cuda_graph:
             cache = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
@@ -411,13 +420,10 @@ class Engine:
         if weights != self._prefill_weights:
             self._prefills.clear()
             self._prefill_weights = weights
-        if self._prefill_pool is None:
-            self._prefill_pool = torch.cuda.graph_pool_handle()
-        length = min(-(-len(tokens) // PREFILL_BUCKET) * PREFILL_BUCKET, model.rotary_seq_len)
         autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
-        if (length, autocast) not in self._prefills:
-            self._prefills[length, autocast] = _Prefill(model, length, self._prefill_pool)
-        return self._prefills[length, autocast](tokens)
+        if autocast not in self._prefills:
+            self._prefills[autocast] = _Prefill(model)
+        return self._prefills[autocast](tokens)
 
     def _decoder(self, batch_size: int, seq_len: int, top_k: int, prefill: KVCache) -> _Decoder:
         like = prefill.k[0]
