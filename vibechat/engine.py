@@ -383,7 +383,7 @@ class Engine:
         self.use_cuda_graph = model.get_device().type == "cuda"
         self._decoders: dict[tuple, _Decoder] = {}
         self._prefills: dict[torch.dtype | bool, _Prefill] = {}  # by autocast dtype (False: off)
-        self._prefill_weights: list[int] = []  # the addresses the captured prefills read the model's tensors at
+        self._prefill_weights: list[tuple] = []  # where (and as what) the captured prefills read the model's tensors
         special = tokenizer.encode_special
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -416,7 +416,7 @@ class Engine:
             cache = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
             ids = torch.tensor([tokens], dtype=torch.long, device=model.get_device())
             return cache, model(ids, kv_cache=cache)[:, -1, :]
-        weights = [t.data_ptr() for t in (*model.parameters(), *model.buffers())]
+        weights = [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
         if weights != self._prefill_weights:
             self._prefills.clear()
             self._prefill_weights = weights
