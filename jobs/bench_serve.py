@@ -162,9 +162,8 @@ def main() -> None:
           f"{check['identical']} of {check['streams']} greedy streams identical alone and batched"
           + ("" if check["first_mismatch_at"] is None else f" (first mismatch at token {check['first_mismatch_at']})"))
     engine = Engine(model, NoStopTokenizer(args.vocab_size))
-    warm = prompts(max(args.clients))
-    level(batcher, engine, warm, 8)  # untimed: the Engine's batch-1 prefill and step (the batcher's ran in the check)
-    level(batcher, engine, warm[:1], args.new_tokens)  # untimed: the Engine's step at the timed cache length
+    # untimed: the Engine's prefill and step at the timed lengths (the batcher's ran in the check)
+    level(batcher, engine, prompts(1), args.new_tokens)
     step_ms = step_alone_ms(batcher)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -47,6 +47,26 @@ def test_linear_matches_the_float64_product_with_its_fused_parts(device, n, k, f
     assert relative_error(got, reference_linear(x, weight, **kwargs)) < tolerance(dtype)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("block_n, block_k, warps", [(1, 64, 1), (2, 128, 2), (8, 256, 4), (16, 512, 4)])
+def test_linear_gives_the_product_at_every_tiling_of_the_weight(device, block_n, block_k, warps, monkeypatch):
+    """Rows a program and columns a load that divide the weight's sides or not, the input plain or combined
+    from attention parts: the kernel's configs are chosen by a sweep on the card, so each must be right."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if decode_ops.triton is not None:
+        monkeypatch.setattr(decode_ops, "_gemv_config", lambda n, k, splits: (block_n, block_k, warps))
+    x = torch.randn(1, 200, device=device, dtype=dtype)
+    weight = (torch.randn(100, 200, device=device) / 200 ** 0.5).to(dtype)
+    residual = torch.randn(1, 100, device=device, dtype=dtype)
+    got = linear(x, weight, norm_input=True, residual=residual)
+    assert relative_error(got, reference_linear(x, weight, norm_input=True, residual=residual)) < tolerance(dtype)
+    parts = AttentionParts(torch.randn(1, 2, 3, device=device), torch.rand(1, 2, 3, device=device) + 0.5,
+                           torch.randn(1, 2, 3, 100, device=device))  # 2 heads of 100, 3 splits: 200 inputs
+    got = attention_output(parts, weight, residual)
+    expected = residual.double() + combine(parts).to(dtype).double() @ weight.double().T
+    assert relative_error(got, expected) < tolerance(dtype)
+
+
 def rotated_and_normed(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """(..., D) heads in float64, rotated by (..., D/2) angles' cos and sin, then RMS-normed."""
     x1, x2 = x.double().chunk(2, dim=-1)

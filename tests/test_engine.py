@@ -40,11 +40,11 @@ class CharTokenizer:
         return self.encode_special("<|bos|>")
 
 
-def random_gpt(seed: int = 0) -> GPT:
+def random_gpt(seed: int = 0, sequence_len: int = 48) -> GPT:
     """A tiny GPT (with grouped-query attention) whose every weight is random: at init the blocks are the
     identity, which would make the model a bigram table that no cache bug could change."""
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(sequence_len=48, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model = GPT(GPTConfig(sequence_len=sequence_len, vocab_size=VOCAB, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
     model.init_weights()
     for module in model.modules():
         if isinstance(module, nn.Linear):
@@ -266,15 +266,15 @@ def test_sampled_frequencies_follow_the_softmax_of_the_top_k_at_the_temperature(
 
 
 @torch.inference_mode()  # as the Engine runs it
-def test_decode_and_sample_compiles_to_the_eager_draws_from_the_same_noise():
+def test_decode_and_sample_compiles_to_the_eager_draws_for_the_same_seeds():
     model = random_gpt()
     forward = fused_step(model)
     compiled = torch.compile(_decode_and_sample, backend="aot_eager", fullgraph=True)
     ids = torch.randint(0, VOCAB, (3, 10))
-    noise, temperature = torch.rand(3, 5), torch.tensor([0.7])
+    seeds, temperature = torch.tensor([1, 2, 3]), torch.tensor([0.7])
     drawn = []
     for step in (compiled, _decode_and_sample):
-        drawn.append(step(forward, ids[:, 9:].clone(), prefilled(model, ids[:, :9]), noise, temperature, 5))
+        drawn.append(step(forward, ids[:, 9:].clone(), prefilled(model, ids[:, :9]), seeds, temperature, 5))
     assert torch.equal(drawn[0], drawn[1])
 
 
@@ -299,6 +299,29 @@ def test_a_request_decodes_with_the_weights_the_model_has_then():
     expected = list(engine.model.generate(prompt, max_tokens=20, temperature=0.0))
     columns, _ = stream(engine, prompt, max_tokens=20, temperature=0.0)
     assert [column[0] for column in columns] == expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the prefill is captured as a CUDA graph on a GPU only")
+@torch.inference_mode()
+def test_a_captured_prefill_gives_the_eager_logits_and_cache_at_every_length_and_follows_a_reload():
+    engine = Engine(random_gpt(sequence_len=160).cuda(), CharTokenizer(first_special=VOCAB))
+
+    def check(length: int) -> None:
+        tokens = torch.randint(0, VOCAB, (length,)).tolist()
+        engine.use_cuda_graph = False
+        cache, logits = engine._prefill(tokens)
+        expected = logits.clone(), [k[:, :, :length].clone() for k in cache.k + cache.v]
+        engine.use_cuda_graph = True
+        cache, logits = engine._prefill(tokens)  # padded to a multiple of 64: the same numbers up to rounding
+        assert cache.pos == length
+        torch.testing.assert_close(logits, expected[0], atol=1e-4, rtol=1e-4)
+        for got, want in zip(cache.k + cache.v, expected[1]):
+            torch.testing.assert_close(got[:, :, :length], want, atol=1e-4, rtol=1e-4)
+
+    for length in (1, 5, 64, 65, 160, 47, 5):  # padded to 64, 128 and 192
+        check(length)
+    engine.model.load_state_dict(random_gpt(seed=1, sequence_len=160).cuda().state_dict(), assign=True)
+    check(5)  # captured again: the model's tensors are new
 
 
 def test_greedy_rows_of_a_batch_all_equal_gpt_generate():
@@ -468,6 +491,8 @@ def test_a_seeded_sampled_sequence_repeats_alone_or_batched_and_other_seeds_diff
     batch = [submit(b, prompt, temperature=1.0, top_k=20, seed=seed)[0] for seed in (7, 8, 9)]
     drain(b)
     assert batch[0] == alone and batch[1] != alone and batch[2] != batch[1]
+    engine = Engine(b.model, b.engine.tokenizer)  # the same noise, from the same seed and positions
+    assert engine.generate_batch(prompt, max_tokens=20, temperature=1.0, top_k=20, seed=7)[0][0][len(prompt):] == alone
 
 
 def test_a_sequence_ends_at_max_tokens_or_when_the_context_is_full():

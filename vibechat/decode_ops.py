@@ -121,11 +121,15 @@ def topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 if triton is not None:
 
-    def _gemv_config(N: int, K: int) -> tuple[int, int]:
-        """(rows per program, warps) for an (N, K) weight, from a sweep on an H200 at the d20 shapes
-        (docs/gpu_notes.md): one row a program, except for the lm_head's many; ~64 weights a thread."""
-        block_n = 4 if N >= 32 * K else 1
-        return block_n, max(1, min(8, block_n * triton.next_power_of_2(K) // 2048))
+    def _gemv_config(N: int, K: int, splits: int) -> tuple[int, int, int]:
+        """(rows per program, columns a load, warps) for an (N, K) weight whose input is combined from `splits`
+        attention parts (0: a plain input): the fastest of a sweep on an H200 at each d20 shape (docs/gpu_notes.md;
+        within 2% of it for the lm_head, the qkv and the MLP's first product, which share one)."""
+        if splits:  # each program combines the parts of the whole input, so it takes many rows
+            return 8, 512, 8
+        if K <= 2048:
+            return 2, 256, 1
+        return 1, 1024, 2
 
     @triton.jit
     def _combined(weighted_ptr, max_ptr, sum_ptr, cols, col_ok, SPLITS: tl.constexpr, HEAD: tl.constexpr):
@@ -145,23 +149,30 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, residual_ptr, y_ptr, max_ptr, sum_ptr, eps, softcap, N, K: tl.constexpr,
-                     K_PAD: tl.constexpr, NORM_INPUT: tl.constexpr, RELU2: tl.constexpr, RESIDUAL: tl.constexpr,
-                     SOFTCAP: tl.constexpr, SPLITS: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr):
-        """BLOCK_N rows of the product, each program's whole row tile loaded at once. With SPLITS, x is the
-        attention output combined from its parts (x_ptr: weighted, with max_ptr and sum_ptr)."""
+                     NORM_INPUT: tl.constexpr, RELU2: tl.constexpr, RESIDUAL: tl.constexpr, SOFTCAP: tl.constexpr,
+                     SPLITS: tl.constexpr, HEAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """BLOCK_N rows of the product, their row tiles loaded BLOCK_K columns at a time (the loop unrolled, the
+        products summed once at the end). With SPLITS, x is the attention output combined from its parts
+        (x_ptr: weighted, with max_ptr and sum_ptr)."""
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        cols = tl.arange(0, K_PAD)
-        col_ok = cols < K
-        w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :],
-                    other=0.0)
-        if SPLITS == 0:
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-        else:  # rounded to the weights' dtype, as attention's output is before the projection
-            x = _combined(x_ptr, max_ptr, sum_ptr, cols, col_ok, SPLITS, HEAD).to(w.dtype).to(tl.float32)
-        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        products = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        squares = tl.zeros((BLOCK_K,), tl.float32)
+        for start in tl.static_range(0, K, BLOCK_K):
+            cols = start + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            if SPLITS == 0:
+                x = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            else:  # rounded to the weights' dtype, as attention's output is before the projection
+                x = _combined(x_ptr, max_ptr, sum_ptr, cols, col_ok, SPLITS, HEAD).to(w.dtype).to(tl.float32)
+            products += w.to(tl.float32) * x[None, :]
+            if NORM_INPUT:
+                squares += x * x
+        y = tl.sum(products, axis=1)
         if NORM_INPUT:  # rmsnorm scales x by one number, so it can scale the product instead
-            y = y * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps)
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if RELU2:
             y = tl.maximum(y, 0.0)
             y = y * y
@@ -174,13 +185,13 @@ if triton is not None:
     def _triton_gemv(x, weight, norm_input, relu2, residual, softcap, parts=None):
         N, K = weight.shape
         y = torch.empty(1, N, dtype=weight.dtype if softcap is None else torch.float32, device=weight.device)
-        block_n, warps = _gemv_config(N, K)
         splits, head = (0, 1) if parts is None else parts.weighted.shape[-2:]
+        block_n, block_k, warps = _gemv_config(N, K, splits)
         max_, sum_ = (x, x) if parts is None else (parts.max, parts.sum)
         _gemv_kernel[(triton.cdiv(N, block_n),)](
             x.contiguous(), weight, x if residual is None else residual, y, max_, sum_, NORM_EPS, softcap or 1.0,
-            N, K, triton.next_power_of_2(K), norm_input, relu2, residual is not None, softcap is not None, splits,
-            head, block_n, num_warps=warps)
+            N, K, norm_input, relu2, residual is not None, softcap is not None, splits, head, block_n, block_k,
+            num_warps=warps)
         return y
 
     @triton.jit

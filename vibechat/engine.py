@@ -1,13 +1,14 @@
 """Inference: a preallocated KV cache, and an Engine that streams samples with calculator tool use.
 
-The prompt is prefilled once at batch 1 (through GPT.forward) and its cache copied into every sample's row.
+The prompt is prefilled once at batch 1 (through GPT.forward; on CUDA captured as a graph per prompt length
+rounded up to PREFILL_BUCKET) and its cache copied into every sample's row.
 Decoding then runs one token per step over a cache preallocated to the longest sequence, at a position held
 on the device, so every step has the same shapes: on CUDA the step is compiled and captured as a CUDA graph
 once per (batch size, cache length, top_k) and replayed for each token; elsewhere it runs eagerly. For a GPT
 the step is a fused rewrite of its forward for one token (`_fused_step`: stacked QKV weights in the decode
 dtype, Triton kernels from vibechat.decode_ops on CUDA). The step samples too (Gumbel-max over the top_k
-logits, with uniform noise drawn from the request's seeded generator before each step), so a token costs three
-launches: the noise, the graph and the copy of its column to the host. The host runs one column behind: it
+logits, with uniform noise a hash of (the sample's seed, the position), computed in the step), so a token costs
+two launches: the graph and the copy of its column to the host. The host runs one column behind: it
 reads and yields column t (the one host sync per step) while the GPU computes column t+1; when tool output
 overrides column t, the cache position steps back one and column t+1 is computed again.
 
@@ -30,6 +31,7 @@ from vibechat.decode_ops import attend, attention_output, linear, topk
 from vibechat.gpt import GPT, SOFTCAP, norm
 
 CACHE_BUCKET = 256  # decode caches are sized in multiples of this, so one captured graph serves many requests
+PREFILL_BUCKET = 64  # captured prefills take prompts padded to a multiple of this: one graph per 64 lengths
 
 
 class KVCache:
@@ -169,16 +171,40 @@ def _fused_step(config, weights: _DecodeWeights, tokens: torch.Tensor, cache: _S
     return logits
 
 
-def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, noise: torch.Tensor,
+def _mix_seed(seed: int) -> int:
+    """Any int -> 32 bits, every bit of the seed mattering (Fibonacci hashing)."""
+    return (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF
+
+
+def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) 32-bit seeds and (B,) counters -> (B, k) uniform noise in (0, 1), a hash of (seed, counter, column):
+    no generator state, so a row's noise depends on its own seed and position alone, never on which other rows
+    share the step, and it is computed inside the captured step. Products wrap in int64 and are masked back to
+    32 bits; the finalizer is the 'lowbias32' integer hash. The column's multiplier stays below 2**31: inductor
+    multiplies its loop index (int32) by it."""
+    mask = 0xFFFFFFFF
+    columns = torch.arange(k, device=seeds.device)
+    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0x27D4EB2F) & mask
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & mask
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & mask
+    x = x ^ (x >> 16)
+    return ((x >> 9) + 1).float() / (2 ** 23 + 1)  # 23 bits: float32 keeps the largest value below 1
+
+
+def _decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, seeds: torch.Tensor,
                        temperature: torch.Tensor, top_k: int) -> torch.Tensor:
     """Feed `tokens` at the cache's position through forward(tokens, cache) and sample the next ones into
-    `tokens` (returned too)."""
+    `tokens` (returned too), with noise from (each row's seed, the position): no launch outside the step."""
+    noise = counter_uniform(seeds, cache.pos.expand_as(seeds), top_k)
     tokens.copy_(gumbel_sample(forward(tokens, cache), noise, temperature, top_k))
     return tokens
 
 
-def _cuda_graph(fn):
-    """Record fn's kernels once; the returned function replays them and returns fn's output tensor, rewritten."""
+def _cuda_graph(fn, pool=None):
+    """Record fn's kernels once (in `pool`, a graph memory pool, if given); the returned function replays them
+    and returns fn's output tensor, rewritten."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -186,7 +212,7 @@ def _cuda_graph(fn):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         out = fn()
 
     def replay() -> torch.Tensor:
@@ -194,6 +220,40 @@ def _cuda_graph(fn):
         return out
 
     return replay
+
+
+class _Prefill:
+    """Batch-1 prefills captured as CUDA graphs, one per prompt length rounded up to PREFILL_BUCKET: GPT.forward
+    over a chat-sized prompt is hundreds of launches that take longer than its compute (d20, 128 tokens on an
+    H200: 15 ms eager, 2 ms replayed). A prompt is padded on the right, which causal attention keeps out of its
+    logits and keys. All graphs write one KV cache of the longest prompt, read only up to the prompt's length,
+    and share one memory pool: a prefill's outputs are read before the next one runs."""
+
+    def __init__(self, model):
+        config = model.config
+        self.model = model
+        self.longest = min(-(-config.sequence_len // PREFILL_BUCKET) * PREFILL_BUCKET, model.rotary_seq_len)
+        self.ids = torch.zeros(1, self.longest, dtype=torch.long, device=model.get_device())
+        self.last = torch.zeros(1, dtype=torch.long, device=model.get_device())  # the prompt's last position
+        self.cache = KVCache(1, config.n_kv_head, self.longest, config.n_embd // config.n_head, config.n_layer)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}
+
+    def __call__(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        length = min(-(-len(tokens) // PREFILL_BUCKET) * PREFILL_BUCKET, self.longest)
+        if length not in self.graphs:
+            ids = self.ids[:, :length]
+
+            def forward() -> torch.Tensor:
+                self.cache.reset()
+                return self.model(ids, kv_cache=self.cache).index_select(1, self.last)[:, 0]
+
+            self.graphs[length] = _cuda_graph(forward, self.pool)
+        self.ids[0, :len(tokens)] = torch.tensor(tokens)
+        self.last.fill_(len(tokens) - 1)
+        logits = self.graphs[length]()
+        self.cache.pos = len(tokens)
+        return self.cache, logits
 
 
 class _Decoder:
@@ -209,7 +269,7 @@ class _Decoder:
         self.cache._allocate(dtype, device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-        self.noise = torch.full((batch_size, top_k), 0.5, device=device)
+        self.seeds = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.temperature = torch.ones(1, device=device)
         self.top_k = top_k
         # the token column's way to the host: pinned memory and an event, so that reading it waits for the copy
@@ -222,25 +282,24 @@ class _Decoder:
         else:
             self.weights = None
             forward = partial(_forward_step, model)
-        args = (forward, self.tokens, _StepCache(self.cache, self.pos), self.noise, self.temperature, top_k)
+        args = (forward, self.tokens, _StepCache(self.cache, self.pos), self.seeds, self.temperature, top_k)
         if cuda_graph:
             compiled = torch.compile(_decode_and_sample, dynamic=False)  # one static graph per shape and top_k
             self.step = _cuda_graph(lambda: compiled(*args))
         else:
             self.step = lambda: _decode_and_sample(*args)
 
-    def start(self, prefill: KVCache, first: torch.Tensor, temperature: float) -> None:
+    def start(self, prefill: KVCache, first: torch.Tensor, temperature: float, seeds: torch.Tensor) -> None:
         if self.weights is not None:
             self.weights.refresh(self.model)
         self.cache.prefill(prefill)
         self.pos.fill_(prefill.pos)
         self.tokens.copy_(first)
         self.temperature.fill_(temperature)
+        self.seeds.copy_(seeds)
 
-    def advance(self, rng: torch.Generator) -> None:
-        """Sample the next column into `tokens`, with fresh noise from the request's generator (greedy needs none)."""
-        if self.top_k > 1:
-            torch.rand(self.noise.shape, generator=rng, device=self.noise.device, out=self.noise)
+    def advance(self) -> None:
+        """Sample the next column into `tokens`: one graph replay on CUDA."""
         self.step()
 
     def send_column(self) -> None:
@@ -323,6 +382,8 @@ class Engine:
         # the compiled, graph-captured decode step needs CUDA; set False to decode eagerly there too
         self.use_cuda_graph = model.get_device().type == "cuda"
         self._decoders: dict[tuple, _Decoder] = {}
+        self._prefills: dict[torch.dtype | bool, _Prefill] = {}  # by autocast dtype (False: off)
+        self._prefill_weights: list[tuple] = []  # where (and as what) the captured prefills read the model's tensors
         special = tokenizer.encode_special
         self.stop_tokens = {special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -345,6 +406,24 @@ class Engine:
         if max_tokens is not None and max_tokens < 0:
             raise VibechatError(f"max_tokens {max_tokens} is negative: use 0 or more, or None to fill the context")
         _check_sampling(temperature, top_k)
+
+    def _prefill(self, tokens: list[int]) -> tuple[KVCache, torch.Tensor]:
+        """The prompt's batch-1 KV cache and its last position's logits (1, V): on CUDA through the captured
+        prefills (captured again if the model's tensors moved, e.g. after model.to()), elsewhere through
+        GPT.forward."""
+        model, config = self.model, self.model.config
+        if not self.use_cuda_graph:
+            cache = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
+            ids = torch.tensor([tokens], dtype=torch.long, device=model.get_device())
+            return cache, model(ids, kv_cache=cache)[:, -1, :]
+        weights = [(t.data_ptr(), t.dtype) for t in (*model.parameters(), *model.buffers())]
+        if weights != self._prefill_weights:
+            self._prefills.clear()
+            self._prefill_weights = weights
+        autocast = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda")
+        if autocast not in self._prefills:
+            self._prefills[autocast] = _Prefill(model)
+        return self._prefills[autocast](tokens)
 
     def _decoder(self, batch_size: int, seq_len: int, top_k: int, prefill: KVCache) -> _Decoder:
         like = prefill.k[0]
@@ -385,19 +464,18 @@ class Engine:
         max_len = min(limit, model.rotary_seq_len)
         if max_len <= len(tokens):
             return
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-
         config = model.config
-        prefill = KVCache(1, config.n_kv_head, len(tokens), config.n_embd // config.n_head, config.n_layer)
-        ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = model(ids, kv_cache=prefill)[:, -1, :].expand(num_samples, -1)
+        prefill, logits = self._prefill(tokens)
+        logits = logits.expand(num_samples, -1)
         temperature, k = _sampling(temperature, top_k, config.vocab_size)
         # the last step's input is at position max_len - 2
         decoder = self._decoder(num_samples, -(-(max_len - 1) // CACHE_BUCKET) * CACHE_BUCKET, k, prefill)
         # after building: capturing ran warm-up steps on the buffers
-        noise = torch.rand(num_samples, k, generator=rng, device=device)
-        decoder.start(prefill, gumbel_sample(logits, noise, temperature, k), temperature)
+        # sample i's seed: the request's with i in its high bits, so that sample 0 draws what the
+        # ContinuousBatcher draws for the same seed
+        seeds = torch.tensor([_mix_seed(seed + (i << 32)) for i in range(num_samples)], device=device)
+        noise = counter_uniform(seeds, torch.full_like(seeds, len(tokens) - 1), k)  # as a step at the last position
+        decoder.start(prefill, gumbel_sample(logits, noise, temperature, k), temperature, seeds)
 
         rows = [_Row() for _ in range(num_samples)]
         num_columns = max_len - len(tokens)
@@ -405,7 +483,7 @@ class Engine:
             decoder.send_column()
             last = step == num_columns - 1
             if not last:
-                decoder.advance(rng)  # the GPU computes the next column while the host handles this one
+                decoder.advance()  # the GPU computes the next column while the host handles this one
             column = decoder.receive_column()
             masks = [1] * num_samples
             for i, row in enumerate(rows):
@@ -420,7 +498,7 @@ class Engine:
                 # the next column came from the sampled tokens: step back and redo it from the tool output
                 decoder.pos.sub_(1)
                 decoder.tokens.copy_(torch.tensor(column, device=device).view(-1, 1))
-                decoder.advance(rng)
+                decoder.advance()
 
     def generate_batch(self, tokens: list[int], num_samples: int = 1,
                        **kwargs) -> tuple[list[list[int]], list[list[int]]]:
@@ -466,28 +544,6 @@ class _Slot:
     row: _Row
     first_step: int  # the first decode step whose column is this sequence's: steps launched earlier fed another input
     generated: int = 0
-
-
-def _mix_seed(seed: int) -> int:
-    """Any int -> 32 bits, every bit of the seed mattering (Fibonacci hashing)."""
-    return (seed * 0x9E3779B97F4A7C15 >> 32) & 0xFFFFFFFF
-
-
-def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, k: int) -> torch.Tensor:
-    """(B,) 32-bit seeds and (B,) counters -> (B, k) uniform noise in (0, 1), a hash of (seed, counter, column):
-    no generator state, so a row's noise depends on its own seed and position alone, never on which other rows
-    share the step, and it is computed inside the captured step. Products wrap in int64 and are masked back to
-    32 bits; the finalizer is the 'lowbias32' integer hash. The column's multiplier stays below 2**31: inductor
-    multiplies its loop index (int32) by it."""
-    mask = 0xFFFFFFFF
-    columns = torch.arange(k, device=seeds.device)
-    x = (seeds[:, None] * 0x9E3779B1 + counters[:, None] * 0x85EBCA77 + columns * 0x27D4EB2F) & mask
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & mask
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & mask
-    x = x ^ (x >> 16)
-    return ((x >> 9) + 1).float() / (2 ** 23 + 1)  # 23 bits: float32 keeps the largest value below 1
 
 
 def _batched_decode_and_sample(forward, tokens: torch.Tensor, cache: _StepCache, seeds: torch.Tensor,
