@@ -10,6 +10,8 @@ Engine's greedy tokens must equal GPT.generate's; in the timed dtype, every gree
 must be the argmax, up to rounding, of a full forward pass over the same sequence. Then each method is timed
 from the prompt to the last token, median of --runs after one untimed run (which compiles and captures);
 "step alone" is the Engine's decode step replayed back to back, so the gap to ms/token is the host's share.
+--profile then records one batch-1 request as timed (on CUDA through the captured graphs) and writes where its
+time goes: its wall, the kernels' busy time within it, the top kernels and the top host calls.
 """
 
 import argparse
@@ -127,6 +129,30 @@ def decode_step_ms(engine: Engine, batch_size: int, start: int, device: torch.de
     return 1000 * statistics.median(timed(replay, 3, device)) / steps
 
 
+def profile_request(path: str, generate, device: torch.device) -> None:
+    """Where one request's time goes, written to `path` and printed: under the profiler (which slows the host, so
+    the wall here is above the timed one), the wall, the kernels' busy time, and the top kernels and host calls."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    synchronize(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        generate()
+        synchronize(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    lines = [f"one request at batch 1: {1000 * wall:.1f} ms wall under the profiler" + (
+        f"; kernels busy {busy / 1000:.1f} ms, the rest is the GPU waiting on the host" if cuda else "")]
+    for sort in (["self_device_time_total"] if cuda else []) + ["self_cpu_time_total"]:
+        lines.append(events.table(sort_by=sort, row_limit=25, max_name_column_width=70))
+    text = "\n".join(lines)
+    print(text)
+    with open(path, "w") as f:
+        f.write(text + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobs.bench_decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,6 +162,8 @@ def main() -> None:
                         help="timed runs per method; the median counts (default: 3)")
     parser.add_argument("--check-tokens", type=positive_int, default=16,
                         help="greedy tokens compared with GPT.generate (default: 16)")
+    parser.add_argument("--profile", default=None, type=output_file,
+                        help="after timing, write here where one batch-1 request's time goes")
     args = parse_model_arguments(parser)
     _, _, _, _, device = compute_init(args.device)
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 check needs true fp32; bf16 timing is unaffected
@@ -187,6 +215,9 @@ def main() -> None:
         rows.append({"method": method, "batch_size": batch_size, "tokens_per_s": tokens_per_s, "seconds": seconds,
                      "decode_step_ms": step_ms})
 
+    if args.profile:
+        engine.use_cuda_graph = methods[-1][2]  # the last timed kind: the CUDA graph where there is one
+        profile_request(args.profile, lambda: engine_run(1), device)
     if args.out:
         result = {"device": name, "torch": torch.__version__, "dtype": str(dtype), "depth": args.depth,
                   "params": model.num_params(), "vocab_size": args.vocab_size, "prompt_tokens": args.prompt_tokens,

@@ -20,10 +20,21 @@ def test_bench_decode_checks_then_times_each_method_on_cpu(tmp_path, monkeypatch
     assert all(r["tokens_per_s"] > 0 for r in result["results"]) and result["argmax_shortfall"] < 1e-4
 
 
+def test_bench_decode_profile_writes_where_one_requests_time_goes(tmp_path, monkeypatch):
+    out = tmp_path / "profile.txt"
+    monkeypatch.setattr(sys, "argv", ["bench_decode", "--depth=1", "--device=cpu", "--vocab-size=256",
+                                      "--sequence-len=64", "--prompt-tokens=8", "--new-tokens=4", "--check-tokens=4",
+                                      "--batch-sizes", "1", "--runs=1", f"--profile={out}"])
+    main()
+    text = out.read_text()
+    assert text.startswith("one request at batch 1:") and "Self CPU" in text
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--runs=0"], "--runs: 0 must be at least 1"),
     (["--vocab-size=0"], "--vocab-size: 0 must be at least 1"),
     (["--out=/no/such/folder/decode.json"], "folder /no/such/folder does not exist"),
+    (["--profile=/no/such/folder/profile.txt"], "folder /no/such/folder does not exist"),
 ])
 def test_a_zero_count_or_an_unwritable_output_is_one_usage_error(argv, message, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["bench_decode", "--device=cpu"] + argv)
