@@ -7,12 +7,14 @@ import pytest
 
 from jobs.bench_decode import main
 
+# a model and requests small enough for the CPU, one timed run each
+TINY = ["bench_decode", "--depth=1", "--device=cpu", "--vocab-size=256", "--sequence-len=64", "--prompt-tokens=8",
+        "--new-tokens=4", "--check-tokens=4", "--runs=1"]
+
 
 def test_bench_decode_checks_then_times_each_method_on_cpu(tmp_path, monkeypatch):
     out = tmp_path / "decode.json"
-    monkeypatch.setattr(sys, "argv", ["bench_decode", "--depth=1", "--device=cpu", "--vocab-size=256",
-                                      "--sequence-len=64", "--prompt-tokens=8", "--new-tokens=4", "--check-tokens=4",
-                                      "--batch-sizes", "1", "2", "--runs=1", f"--out={out}"])
+    monkeypatch.setattr(sys, "argv", [*TINY, "--batch-sizes", "1", "2", f"--out={out}"])
     main()
     result = json.loads(out.read_text())
     methods = [(r["method"], r["batch_size"]) for r in result["results"]]
@@ -22,9 +24,7 @@ def test_bench_decode_checks_then_times_each_method_on_cpu(tmp_path, monkeypatch
 
 def test_bench_decode_profile_writes_where_one_requests_time_goes(tmp_path, monkeypatch):
     out = tmp_path / "profile.txt"
-    monkeypatch.setattr(sys, "argv", ["bench_decode", "--depth=1", "--device=cpu", "--vocab-size=256",
-                                      "--sequence-len=64", "--prompt-tokens=8", "--new-tokens=4", "--check-tokens=4",
-                                      "--batch-sizes", "1", "--runs=1", f"--profile={out}"])
+    monkeypatch.setattr(sys, "argv", [*TINY, "--batch-sizes", "1", f"--profile={out}"])
     main()
     text = out.read_text()
     assert text.startswith("one request at batch 1:") and "Self CPU" in text
