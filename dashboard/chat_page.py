@@ -74,7 +74,9 @@ st.caption(caption)
 for role, text in conversation["messages"]:
     st.chat_message(role).markdown(text)
 
-prompt = st.chat_input("Message the model" if is_chat else "Text for the model to continue", max_chars=MAX_CHARS)
+# one key for both kinds: a new placeholder then redraws the box in place rather than adding a second one
+prompt = st.chat_input("Message the model" if is_chat else "Text for the model to continue", max_chars=MAX_CHARS,
+                       key="chat_prompt")
 if prompt:
     shown_prompt = chat.verbatim(prompt)
     st.chat_message("user").markdown(shown_prompt)

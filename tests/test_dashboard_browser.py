@@ -70,8 +70,10 @@ def page(browser):
 
 
 def settled(page) -> None:
-    """Wait until the script run is over: the header's running icon is gone."""
+    """Wait until the script run is over: the header's running icon is gone, and so is every element the last
+    run left stale (the icon can be gone before a run starts; stale elements are kept until a run ends)."""
     expect(page.get_by_test_id("stStatusWidgetRunningIcon")).to_have_count(0)
+    expect(page.locator("[data-stale='true']")).to_have_count(0)
 
 
 def save_screenshot(page, tmp_path, name: str) -> None:
